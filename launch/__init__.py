@@ -1,0 +1,1 @@
+"""Entry points: the ``orchestrate`` CLI, launchers and the per-rank worker."""

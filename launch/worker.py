@@ -1,0 +1,60 @@
+"""What every rank runs: read the frozen config from the run directory and train.
+
+Ranks never compose Hydra configs (DESIGN.md): they rebuild the RunConfig from
+``run_dir/config.yaml`` written by the launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if rank != 0:
+        warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    for noisy in ("transformers", "bitsandbytes", "peft", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m launch.worker RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    rank = int(os.environ.get("RANK", 0))
+    _setup_logging(rank)
+    from orchestrator.config import from_container
+    from orchestrator.data import DataError
+    from orchestrator.train import run
+
+    cfg = from_container(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    try:
+        run(cfg, run_dir)
+    except DataError as exc:
+        print(f"rank {rank}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Distributed QLoRA fine-tuning: config, model, strategies, data, loop, checkpoints, exports."""

@@ -1,0 +1,325 @@
+"""The run configuration: schema, defaults and validation.
+
+YAML files under ``conf/`` hold values; this module holds the types. Hydra composes the YAML with
+the user's overrides against these dataclasses (registered in its ConfigStore), so a mistyped key
+or a wrong type fails at composition. :func:`validate` then checks what types cannot express
+(allowed choices, ranges, cross-field rules) and names the key, the value and what is allowed.
+
+The launcher resolves the composed config once and writes it to ``run_dir/config.yaml``; every
+rank rebuilds the same :class:`RunConfig` from that file with :func:`from_container`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A config value that is wrong; the message names the key, the value and what is allowed."""
+
+
+def _asset(name: str) -> str:
+    """``${asset:tiny-llama}`` -> absolute path of a file shipped inside the package."""
+    path = ASSETS_DIR / name
+    return str(path)
+
+
+if not OmegaConf.has_resolver("asset"):
+    OmegaConf.register_new_resolver("asset", _asset)
+
+
+@dataclass
+class ModelConfig:
+    # Local directory (or hub id, where a hub is reachable) of a transformers causal LM.
+    path: str = MISSING
+    # Tokenizer location; defaults to the model path.
+    tokenizer: Optional[str] = None
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantConfig:
+    # nf4 | fp4 | none (none = plain LoRA on a 16/32-bit frozen base)
+    method: str = "nf4"
+    double_quant: bool = True
+    # Dtype the packed 4-bit weights are stored in. auto lets the strategy choose (FSDP needs a
+    # float storage dtype to shard the base; DDP keeps uint8).
+    storage_dtype: str = "auto"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Module names, or ["all-linear"] for every linear layer but the output head.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    bias: str = "none"
+    use_rslora: bool = False
+
+
+@dataclass
+class DataConfig:
+    # alpaca: instruction / optional input / output fields.
+    format: str = "alpaca"
+    path: str = MISSING
+    eval_path: Optional[str] = None
+    max_seq_len: int = 512
+    # Compute the loss on prompt tokens as well as on the response.
+    train_on_prompt: bool = False
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    prompt_template: str = (
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    )
+    # Template for rows whose input field is empty or absent.
+    prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # cosine | linear | constant, each after a linear warmup
+    scheduler: str = "cosine"
+    warmup_steps: int = 10
+    # The schedule decays to lr * min_lr_ratio.
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    # Stop after this many optimizer steps; <= 0 means train for `epochs` epochs.
+    max_steps: int = -1
+    epochs: int = 1
+    # Sequences per optimizer step over all ranks. Accumulation is derived from it:
+    # global_batch_size = micro_batch_size x accumulation x world size.
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    eval_batch_size: int = 16
+    max_grad_norm: float = 1.0
+    # auto: bf16 where the hardware has it (GPU, or CPU with AVX512-BF16/AMX), else fp16 on
+    # older GPUs and fp32 on other CPUs.
+    precision: str = "auto"
+    seed: int = 1234
+    # Evaluate every N optimizer steps (0: only before and after training).
+    eval_every: int = 0
+    # Exact-match accuracy: greedy-decode at most this many eval prompts (0: skip).
+    eval_generate_examples: int = 200
+    eval_max_new_tokens: int = 16
+    # Save a resumable checkpoint every N optimizer steps (0: only at the end).
+    save_every: int = 0
+    keep_last_n: int = 2
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "ddp"
+
+
+@dataclass
+class DDPConfig(StrategyConfig):
+    name: str = "ddp"
+    bucket_cap_mb: int = 25
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+
+
+@dataclass
+class LocalLauncherConfig(LauncherConfig):
+    name: str = "local"
+    # Ranks on this node; null: one per GPU, or 2 on a machine without GPUs.
+    nproc_per_node: Optional[int] = None
+    # torchrun restarts of the whole group after a rank fails.
+    max_restarts: int = 0
+    # Timeout of collectives, in seconds; a hung rank fails the run after this long.
+    dist_timeout_s: int = 600
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    # online | offline | disabled; online falls back to offline without an API key.
+    mode: str = "offline"
+    project: str = "qlora-orchestrator"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    job_type: str = "train"
+
+
+@dataclass
+class LoggerConfig:
+    every_n_steps: int = 1
+    console: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunDirConfig:
+    # Run directory; null: <root>/<name>-<timestamp>.
+    dir: Optional[str] = None
+    root: str = "runs"
+    name: Optional[str] = None
+    # Continue from the latest checkpoint when run.dir already holds one.
+    resume: bool = True
+
+
+@dataclass
+class RunConfig:
+    run: RunDirConfig = field(default_factory=RunDirConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Typed per option (see STRATEGY_SCHEMAS): a key that one strategy lacks is refused.
+    strategy: Any = field(default_factory=DDPConfig)
+    launcher: Any = field(default_factory=LocalLauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+STRATEGY_SCHEMAS: dict[str, type] = {"ddp": DDPConfig}
+LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "quant.method": ("nf4", "fp4", "none"),
+    "quant.storage_dtype": ("auto", "uint8", "bf16", "fp16", "fp32"),
+    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
+    "lora.bias": ("none", "all", "lora_only"),
+    "data.format": ("alpaca",),
+    "optim.scheduler": ("cosine", "linear", "constant"),
+    "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
+    "logger.wandb.mode": ("online", "offline", "disabled"),
+}
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore so conf/*.yaml are checked against it."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for name, schema in STRATEGY_SCHEMAS.items():
+        cs.store(group="strategy", name=f"{name}_schema", node=schema)
+    for name, schema in LAUNCHER_SCHEMAS.items():
+        cs.store(group="launcher", name=f"{name}_schema", node=schema)
+
+
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _polymorphic(container: dict, key: str, schemas: dict[str, type]) -> Any:
+    node = dict(container.get(key) or {})
+    name = node.get("name", "")
+    if name not in schemas:
+        raise ConfigError(f"{key}.name={name!r} is not allowed; choose one of: {', '.join(schemas)}")
+    merged = OmegaConf.merge(OmegaConf.structured(schemas[name]), node)
+    return OmegaConf.to_object(merged)
+
+
+def from_container(container: dict) -> RunConfig:
+    """Build a typed, validated RunConfig from a plain (resolved) dict.
+
+    Used on the composed config in the launcher and on ``config.yaml`` in every rank, so both
+    see exactly the same object.
+    """
+    container = dict(container)
+    strategy = _polymorphic(container, "strategy", STRATEGY_SCHEMAS)
+    launcher = _polymorphic(container, "launcher", LAUNCHER_SCHEMAS)
+    container.pop("strategy", None)
+    container.pop("launcher", None)
+    base = OmegaConf.merge(OmegaConf.structured(RunConfig), container)
+    cfg: RunConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    cfg.strategy = strategy
+    cfg.launcher = launcher
+    validate(cfg)
+    return cfg
+
+
+def to_container(cfg: RunConfig) -> dict:
+    """Plain dict of a RunConfig (for config.yaml, W&B and the summary)."""
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that types alone cannot express. Raises ConfigError with a one-line message."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+    def positive(key: str, allow_zero: bool = False) -> None:
+        value = _get(cfg, key)
+        if value < 0 or (value == 0 and not allow_zero):
+            need = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{key}={value!r} is not allowed; it must be {need}")
+
+    for key in ("lora.r", "lora.alpha", "data.max_seq_len", "trainer.global_batch_size",
+                "trainer.micro_batch_size", "trainer.eval_batch_size", "optim.lr",
+                "trainer.eval_max_new_tokens", "logger.every_n_steps"):
+        positive(key)
+    for key in ("trainer.eval_every", "trainer.save_every", "trainer.eval_generate_examples",
+                "optim.warmup_steps", "optim.weight_decay", "trainer.max_grad_norm",
+                "trainer.keep_last_n"):
+        positive(key, allow_zero=True)
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout={cfg.lora.dropout!r} is not allowed; it must be in [0, 1)")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(
+            f"optim.min_lr_ratio={cfg.optim.min_lr_ratio!r} is not allowed; it must be in [0, 1]"
+        )
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={cfg.optim.betas!r} is not allowed; give two values in [0, 1)")
+    if cfg.trainer.max_steps <= 0 and cfg.trainer.epochs <= 0:
+        raise ConfigError(
+            f"trainer.max_steps={cfg.trainer.max_steps} and trainer.epochs={cfg.trainer.epochs}: "
+            "set max_steps > 0 or epochs > 0"
+        )
+    if not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules=[] is not allowed; name modules or use [all-linear]")
+    if cfg.quant.method == "none" and cfg.quant.storage_dtype not in ("auto",):
+        raise ConfigError(
+            f"quant.storage_dtype={cfg.quant.storage_dtype!r} applies only to 4-bit quantization; "
+            "leave it auto with quant=none"
+        )
+    if cfg.trainer.global_batch_size % cfg.trainer.micro_batch_size:
+        raise ConfigError(
+            f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not a multiple of "
+            f"trainer.micro_batch_size={cfg.trainer.micro_batch_size}"
+        )
+
+
+def accumulation_steps(cfg: RunConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank, so the global batch is the same on any world."""
+    per_step = cfg.trainer.micro_batch_size * world_size
+    if cfg.trainer.global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not divisible by "
+            f"trainer.micro_batch_size={cfg.trainer.micro_batch_size} x world size {world_size}; "
+            f"use a multiple of {per_step}"
+        )
+    return cfg.trainer.global_batch_size // per_step

@@ -1,0 +1,89 @@
+"""Held-out loss and exact-match accuracy, sharded over ranks and summed.
+
+Every rank runs the same number of batches (short shards are padded with examples whose
+labels are masked out), because sharded strategies need every rank in every forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX, Example, collate, eval_shard
+from .distributed import DistInfo, all_reduce_sum
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy over labelled positions, number of those positions)."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, (shift_labels != IGNORE_INDEX).sum()
+
+
+def _batches(examples: list[Example], dist: DistInfo, batch_size: int):
+    idx = eval_shard(len(examples), dist.world_size, dist.rank)
+    for i in range(0, len(idx), batch_size):
+        chunk = idx[i : i + batch_size]
+        yield [examples[j if j is not None else 0] for j in chunk], [j is not None for j in chunk]
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, examples: list[Example], dist: DistInfo, batch_size: int,
+              pad_id: int, autocast) -> float:
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    for exs, keep in _batches(examples, dist, batch_size):
+        batch = {k: v.to(dist.device) for k, v in collate(exs, pad_id, keep).items()}
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+        loss, n = token_loss_sum(logits, batch["labels"])
+        total += float(loss)
+        count += float(n)
+    total, count = all_reduce_sum([total, count], dist.device)
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, examples: list[Example], tokenizer, dist: DistInfo,
+                batch_size: int, max_new_tokens: int, synced: bool, autocast) -> float:
+    """Share of prompts whose greedy continuation (up to EOS, stripped) equals the target."""
+    was_training = model.training
+    model.eval()
+    hits = total = 0.0
+    pad_id = tokenizer.pad_token_id
+    for exs, keep in _batches(examples, dist, batch_size):
+        prompts = [tokenizer(e.prompt, add_special_tokens=True)["input_ids"] for e in exs]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding, as generation needs
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        with autocast():
+            out = model.generate(
+                input_ids=ids.to(dist.device), attention_mask=mask.to(dist.device),
+                max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced and dist.world_size > 1,
+            )
+        for row, e, k in zip(out[:, width:].tolist(), exs, keep):
+            if not k:
+                continue
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            hits += float(text.strip() == e.target.strip())
+            total += 1.0
+    hits, total = all_reduce_sum([hits, total], dist.device)
+    model.train(was_training)
+    return hits / max(total, 1.0)

@@ -1,0 +1,171 @@
+"""Load the frozen base (4-bit NF4/FP4 through bitsandbytes, or 16/32-bit) and attach LoRA.
+
+The same functions serve training, adapter reloading and merging, so a reloaded adapter sees a
+base prepared exactly as during training (prepare_model_for_kbit_training casts norms and
+embeddings to fp32; logits only match when both sides do it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, ModelConfig, QuantConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
+
+
+def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, storage_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for ``quant``; None for quant=none."""
+    if quant.method == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.method,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage_dtype,
+    )
+
+
+def disable_cpu_repacking(model: nn.Module) -> int:
+    """Turn off bitsandbytes' in-place AVX512-BF16 weight repacking on CPU.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode under no_grad rewrites the
+    packed weight into a CPU-only layout: it then crashes on out-features not divisible by 32
+    or silently breaks later training (FACTS.md). Disabled everywhere so that behaviour does
+    not depend on which CPU a run lands on. Returns the number of layers touched.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_base(
+    model_cfg: ModelConfig,
+    quant: QuantConfig,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    storage_dtype: Optional[torch.dtype] = None,
+    prepare_for_training: bool = True,
+) -> nn.Module:
+    """Load the frozen base model on ``device``, quantized per ``quant``.
+
+    ``storage_dtype`` is the dtype the packed 4-bit weights are stored in (uint8 unless a
+    sharding strategy needs a float dtype); ``quant.storage_dtype`` overrides it unless auto.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if quant.storage_dtype != "auto":
+        storage_dtype = DTYPES[quant.storage_dtype]
+    storage_dtype = storage_dtype or torch.uint8
+    qconfig = quantization_config(quant, compute_dtype, storage_dtype)
+    kwargs = {}
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    model = AutoModelForCausalLM.from_pretrained(
+        model_cfg.path,
+        dtype=compute_dtype,
+        device_map={"": device},
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+        **kwargs,
+    )
+    if qconfig is not None:
+        disable_cpu_repacking(model)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if prepare_for_training:
+        _prepare(model, quantized=qconfig is not None, checkpointing=model_cfg.gradient_checkpointing)
+    return model
+
+
+def _prepare(model: nn.Module, quantized: bool, checkpointing: bool) -> None:
+    gc_kwargs = {"use_reentrant": False}
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+
+
+def peft_lora_config(lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = lora.target_modules
+    target_modules: list[str] | str = "all-linear" if list(targets) == ["all-linear"] else list(targets)
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """Wrap the base in a PeftModel; only adapter parameters are trainable (kept in fp32)."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, peft_lora_config(lora), autocast_adapter_dtype=True)
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad and "lora_" not in name and lora.bias == "none":
+            raise RuntimeError(f"non-adapter parameter {name} is trainable")
+    return peft_model
+
+
+def load_with_adapter(
+    model_cfg: ModelConfig,
+    quant: QuantConfig,
+    adapter_dir: str,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    """A fresh base prepared as in training with a saved PEFT adapter on top (for eval/merge)."""
+    from peft import PeftModel
+
+    base = load_base(model_cfg, quant, compute_dtype, device)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:
+            n = int(torch.Size(p.quant_state.shape).numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        model_cfg.tokenizer or model_cfg.path, trust_remote_code=model_cfg.trust_remote_code
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

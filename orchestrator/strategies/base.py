@@ -1,0 +1,134 @@
+"""The one interface the training loop talks to, whatever shards what.
+
+A strategy decides how the PEFT model is wrapped, how gradients are synchronised and
+accumulated, how a step is taken, how training state is saved and restored, and how the
+adapter is gathered for export. The loop never asks which strategy it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from ..config import OptimConfig
+from ..distributed import DistInfo
+from ..optim import build_optimizer, build_scheduler
+
+
+class Strategy(ABC):
+    name: str = "base"
+    #: True when every rank must take part in every forward (parameters are sharded), so
+    #: generation must keep ranks in lock-step.
+    synced_forward: bool = False
+
+    def __init__(self, cfg, dist: DistInfo):
+        self.cfg = cfg
+        self.dist = dist
+        self.model: nn.Module | None = None  # the PEFT model, unwrapped
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    def quant_storage_dtype(self, compute_dtype: torch.dtype) -> torch.dtype:
+        """Dtype the packed 4-bit weights should be stored in for this strategy."""
+        return torch.uint8
+
+    @abstractmethod
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Apply the parallelism to ``model``; return the module the loop calls forward on."""
+
+    def setup(self, model: nn.Module, optim: OptimConfig, total_steps: int) -> None:
+        self.model = model
+        self.train_module = self.wrap(model)
+        self.optimizer = build_optimizer(model.parameters(), optim)
+        self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
+
+    @property
+    def eval_module(self) -> nn.Module:
+        """The module to run evaluation and generation on (no gradient sync involved)."""
+        assert self.model is not None
+        return self.model
+
+    def accumulate(self, sync: bool) -> ContextManager:
+        """Context for one micro-step; gradients are synchronised only when ``sync``."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+    def step(self, max_grad_norm: float) -> float:
+        """Clip, step the optimizer and schedule, clear gradients; returns the global grad norm
+        (before clipping), or nan when it was not finite and the step was skipped."""
+        norm = self.clip_grad_norm(max_grad_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if torch.isfinite(torch.tensor(norm)):
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- state ---------------------------------------------------------------------------
+    def save_state(self, path: Path) -> None:
+        """Write adapter weights, optimizer and schedule into ``path`` (all ranks call this).
+
+        torch.distributed.checkpoint handles replicated (DDP) and sharded (FSDP2) parameters
+        alike, each rank writing its own part; frozen base weights are not saved.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(ignore_frozen_params=True)
+        msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path / "state"))
+        if self.dist.is_main:
+            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def load_state(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_state_dict,
+        )
+
+        opts = StateDictOptions(ignore_frozen_params=True)
+        msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(path / "state"))
+        # Frozen base weights are not in checkpoints (ignore_frozen_params), so the model load
+        # is non-strict; every trainable tensor was requested above and dcp.load fails if the
+        # checkpoint lacks one.
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full adapter tensors on rank 0 (None elsewhere), keyed as in the PEFT model."""
+        if not self.dist.is_main:
+            return None
+        return {
+            n: p.detach().to("cpu", copy=True)
+            for n, p in self.model.named_parameters()
+            if p.requires_grad
+        }
+
+    def save_adapter(self, out_dir: Path) -> None:
+        """Standard PEFT adapter (adapter_config.json + adapter_model.safetensors) on rank 0."""
+        state = self.adapter_state_dict()
+        if self.dist.is_main:
+            self.model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)

@@ -1,0 +1,209 @@
+"""The training loop: model -> strategy -> data -> micro-steps -> eval, checkpoints, outputs.
+
+Loss normalisation: each optimizer step's loss is the mean over *all* labelled tokens of the
+global batch, whatever the world size and accumulation, so one rank with batch 2B and two ranks
+with batch B take the same step. Each rank scales its token-loss sum by world / global tokens
+because the strategies average gradients over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from .config import RunConfig, accumulation_steps
+from .data import StepSampler, collate, load_examples
+from .distributed import (
+    DistInfo, all_gather_object, all_reduce_sum, init_distributed, peak_memory_mb,
+    resolve_precision, shutdown,
+)
+from .evaluate import eval_loss, exact_match, token_loss_sum
+from .metrics import build_logger
+from .model import attach_lora, count_parameters, load_base, load_tokenizer
+from .strategies import build_strategy
+
+log = logging.getLogger("orchestrator")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    model: Any = None  # the trained PEFT model (in-process runs and tests)
+    losses: list[float] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo, autocast) -> dict:
+    t = cfg.trainer
+    out = {"eval_loss": eval_loss(strategy.eval_module, eval_examples, dist, t.eval_batch_size,
+                                  tokenizer.pad_token_id, autocast)}
+    if t.eval_generate_examples:
+        subset = eval_examples[: t.eval_generate_examples]
+        out["eval_accuracy"] = exact_match(
+            strategy.eval_module, subset, tokenizer, dist, t.eval_batch_size,
+            t.eval_max_new_tokens, strategy.synced_forward, autocast,
+        )
+    return out
+
+
+def run(cfg: RunConfig, run_dir: Path) -> RunResult:
+    """Train per ``cfg`` on this rank, writing outputs into ``run_dir``."""
+    dist = init_distributed(getattr(cfg.launcher, "dist_timeout_s", 600))
+    try:
+        return _run(cfg, Path(run_dir), dist)
+    finally:
+        shutdown()
+
+
+def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
+    t = cfg.trainer
+    compute_dtype = resolve_precision(t.precision, dist.device)
+    autocast = functools.partial(
+        torch.autocast, device_type=dist.device.type, dtype=compute_dtype,
+        enabled=compute_dtype != torch.float32,
+    )
+    seed_everything(t.seed)  # same on every rank: identical LoRA init without a broadcast
+    strategy = build_strategy(cfg.strategy, dist)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_base(cfg.model, cfg.quant, compute_dtype, dist.device,
+                      storage_dtype=strategy.quant_storage_dtype(compute_dtype))
+    model = attach_lora(model, cfg.lora)
+    trainable, total = count_parameters(model)
+
+    train_examples = load_examples(cfg.data.path, tokenizer, cfg.data)
+    eval_examples = load_examples(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else []
+    accum = accumulation_steps(cfg, dist.world_size)
+    sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
+                          dist.world_size, dist.rank, t.seed)
+    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch
+    strategy.setup(model, cfg.optim, total_steps)
+
+    state: dict[str, Any] = {}
+    start_step = 0
+    resume_from = checkpoint.latest(run_dir) if cfg.run.resume else None
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, strategy, dist)
+        start_step = state["step"]
+    else:
+        seed_everything(t.seed + dist.rank)  # per-rank dropout streams
+
+    logger = build_logger(cfg, run_dir, dist.is_main, total_steps, start_step)
+    if dist.is_main:
+        log.info(
+            "strategy=%s world=%d device=%s precision=%s quant=%s accumulation=%d steps=%d "
+            "trainable=%d/%d params%s", strategy.name, dist.world_size, dist.device,
+            str(compute_dtype).replace("torch.", ""), cfg.quant.method, accum, total_steps, trainable, total,
+            f" (resuming at step {start_step} from {resume_from})" if resume_from else "",
+        )
+
+    if not state and eval_examples:
+        before = _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast)
+        state["eval_before"] = before
+        logger.log(0, before)
+
+    model.train()
+    losses: list[float] = []
+    tokens_seen = state.get("tokens_seen", 0.0)
+    train_time = state.get("train_time_s", 0.0)
+    step = start_step
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        micro = [collate([train_examples[i] for i in mb], tokenizer.pad_token_id)
+                 for mb in sampler.micro_batches(step - 1)]
+        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        local_positions = sum(b["input_ids"].numel() for b in micro)
+        global_targets, global_tokens, global_positions = all_reduce_sum(
+            [local_targets, local_tokens, local_positions], dist.device)
+        scale = dist.world_size / max(global_targets, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+        for j, b in enumerate(micro):
+            b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items()}
+            with strategy.accumulate(sync=j == len(micro) - 1):
+                with autocast():
+                    logits = strategy.train_module(
+                        input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False
+                    ).logits
+                    loss, _ = token_loss_sum(logits, b["labels"])
+                strategy.backward(loss * scale)
+            loss_sum += loss.detach().double()
+        lr = strategy.lr
+        grad_norm = strategy.step(t.max_grad_norm)
+        (loss_total,) = all_reduce_sum([float(loss_sum)], dist.device)
+        step_loss = loss_total / max(global_targets, 1.0)
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            raise NonFiniteError(
+                f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step "
+                f"{step} (loss={step_loss}, grad_norm={grad_norm}); the last checkpoint is kept"
+            )
+        dt = time.perf_counter() - t0
+        train_time += dt
+        tokens_seen += global_tokens
+        losses.append(step_loss)
+        state.setdefault("train_loss_first", step_loss)
+        metrics = {
+            "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": global_tokens / dt, "tokens_per_s_per_rank": global_tokens / dt / dist.world_size,
+            "non_pad_share": global_tokens / global_positions,
+            "step_time_s": dt,
+        }
+        is_last = step == total_steps
+        if step % cfg.logger.every_n_steps == 0 or is_last:
+            logger.log(step, metrics)
+        if t.eval_every and step % t.eval_every == 0 and not is_last and eval_examples:
+            logger.log(step, _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast))
+        if t.save_every and step % t.save_every == 0 and not is_last:
+            state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss)
+            checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
+
+    after = _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast) if eval_examples else {}
+    if after:
+        logger.log(step, after)
+    state.update(tokens_seen=tokens_seen, train_time_s=train_time,
+                 train_loss_last=losses[-1] if losses else state.get("train_loss_last"))
+    if step > start_step:
+        checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
+    strategy.save_adapter(run_dir / "adapter")
+    peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
+    before = state.get("eval_before", {})
+    summary = {
+        "steps": step,
+        "world_size": dist.world_size,
+        "strategy": strategy.name,
+        "device": dist.device.type,
+        "precision": str(compute_dtype).replace("torch.", ""),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_loss_first": state.get("train_loss_first"),
+        "train_loss_last": state.get("train_loss_last"),
+        "eval_loss_before": before.get("eval_loss"),
+        "eval_loss_after": after.get("eval_loss"),
+        "eval_accuracy_before": before.get("eval_accuracy"),
+        "eval_accuracy_after": after.get("eval_accuracy"),
+        "tokens_per_s": tokens_seen / train_time if train_time else None,
+        "train_time_s": train_time,
+        "peak_memory_mb": peaks,
+    }
+    logger.close()
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return RunResult(summary=summary, model=model, losses=losses)

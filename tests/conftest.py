@@ -1,0 +1,45 @@
+"""Shared fixtures: the real CLI in a subprocess, and one trained run reused by several tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Small and fast, but long enough for losses to move: used by the multi-rank tests.
+FAST = [
+    "trainer.max_steps=12", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
+    "trainer.eval_generate_examples=32", "trainer.eval_max_new_tokens=8", "optim.lr=2e-3",
+    "optim.warmup_steps=2", "logger.console=false",
+]
+
+
+def orchestrate(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m launch ARGS`` (the ``orchestrate`` console script) and capture output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "launch", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout, env=full_env,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory) -> Path:
+    """One real `orchestrate train` on 2 CPU ranks, shared by the end-to-end tests."""
+    run_dir = tmp_path_factory.mktemp("runs") / "ddp"
+    proc = orchestrate("train", f"run.dir={run_dir}", "launcher.nproc_per_node=2", *FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
