@@ -118,12 +118,21 @@ def preflight(cfg) -> None:
             check_rows(path, cfg.data)
         except DataError as exc:
             raise UsageError(f"data.{key}: {exc}") from exc
-    if cfg.strategy.name not in _available_strategies():
-        raise UsageError(f"strategy={cfg.strategy.name} needs packages that are not installed")
+    missing = _missing_packages(cfg.strategy.name)
+    if missing:
+        raise UsageError(
+            f"strategy={cfg.strategy.name} needs {missing}, which is not installed "
+            f"(pip install -e '.[{missing}]')"
+        )
 
 
-def _available_strategies() -> set[str]:
-    return {"ddp"}
+def _missing_packages(strategy: str) -> Optional[str]:
+    import importlib.util
+
+    needs = {"deepspeed": "deepspeed"}.get(strategy)
+    if needs and importlib.util.find_spec(needs) is None:
+        return needs
+    return None
 
 
 def default_run_dir(cfg) -> Path:

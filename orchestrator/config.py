@@ -138,6 +138,28 @@ class DDPConfig(StrategyConfig):
 
 
 @dataclass
+class FSDPConfig(StrategyConfig):
+    name: str = "fsdp"
+    # Shard the 4-bit base too (stored in the compute dtype), for bases larger than one device.
+    shard_base: bool = False
+    reshard_after_forward: bool = True
+    # Keep sharded parameters, gradients and optimizer state in host memory.
+    cpu_offload: bool = False
+    # Gather parameters in the compute dtype and reduce gradients in fp32.
+    mixed_precision: bool = False
+
+
+@dataclass
+class DeepSpeedConfig(StrategyConfig):
+    name: str = "deepspeed"
+    # 2: adapter gradients and optimizer state sharded; 3: parameters (the 4-bit base too).
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    # ZeRO-3 only: keep parameter shards in host memory.
+    offload_params: bool = False
+
+
+@dataclass
 class LauncherConfig:
     name: str = "local"
 
@@ -193,12 +215,14 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # Typed per option (see STRATEGY_SCHEMAS): a key that one strategy lacks is refused.
-    strategy: Any = field(default_factory=DDPConfig)
-    launcher: Any = field(default_factory=LocalLauncherConfig)
+    strategy: Any = field(default_factory=lambda: {"name": "ddp"})
+    launcher: Any = field(default_factory=lambda: {"name": "local"})
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-STRATEGY_SCHEMAS: dict[str, type] = {"ddp": DDPConfig}
+STRATEGY_SCHEMAS: dict[str, type] = {
+    "ddp": DDPConfig, "fsdp": FSDPConfig, "deepspeed": DeepSpeedConfig,
+}
 LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig}
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -305,6 +329,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"quant.storage_dtype={cfg.quant.storage_dtype!r} applies only to 4-bit quantization; "
             "leave it auto with quant=none"
+        )
+    if cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage not in (2, 3):
+        raise ConfigError(
+            f"strategy.zero_stage={cfg.strategy.zero_stage} is not allowed; choose one of: 2, 3"
+        )
+    if cfg.strategy.name == "deepspeed" and cfg.strategy.offload_params and cfg.strategy.zero_stage != 3:
+        raise ConfigError("strategy.offload_params=true needs strategy.zero_stage=3")
+    if getattr(cfg.strategy, "shard_base", False) and cfg.quant.storage_dtype == "uint8":
+        raise ConfigError(
+            "quant.storage_dtype='uint8' cannot be sharded with strategy.shard_base=true; "
+            "leave it auto (the compute dtype) or choose bf16, fp16 or fp32"
         )
     if cfg.trainer.global_batch_size % cfg.trainer.micro_batch_size:
         raise ConfigError(

@@ -31,7 +31,7 @@ from .distributed import (
 from .evaluate import eval_loss, exact_match, token_loss_sum
 from .metrics import build_logger
 from .model import attach_lora, count_parameters, load_base, load_tokenizer
-from .strategies import build_strategy
+from .strategies import BatchPlan, build_strategy
 
 log = logging.getLogger("orchestrator")
 
@@ -65,6 +65,17 @@ def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo
     return out
 
 
+def _report_holdings(strategy) -> list[dict]:
+    """Gather and log what each rank holds locally (shows what the strategy shards)."""
+    holdings = all_gather_object(strategy.holdings())
+    if strategy.dist.is_main:
+        for r, h in enumerate(holdings):
+            log.info("rank %d holds: base %.2f MB, adapter %.2f MB, optimizer state %.2f MB", r,
+                     h["base_bytes"] / 2**20, h["adapter_bytes"] / 2**20,
+                     h["optimizer_bytes"] / 2**20)
+    return holdings
+
+
 def run(cfg: RunConfig, run_dir: Path) -> RunResult:
     """Train per ``cfg`` on this rank, writing outputs into ``run_dir``."""
     dist = init_distributed(getattr(cfg.launcher, "dist_timeout_s", 600))
@@ -82,7 +93,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         enabled=compute_dtype != torch.float32,
     )
     seed_everything(t.seed)  # same on every rank: identical LoRA init without a broadcast
-    strategy = build_strategy(cfg.strategy, dist)
+    strategy = build_strategy(cfg.strategy, dist, compute_dtype)
     tokenizer = load_tokenizer(cfg.model)
     model = load_base(cfg.model, cfg.quant, compute_dtype, dist.device,
                       storage_dtype=strategy.quant_storage_dtype(compute_dtype))
@@ -95,7 +106,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
                           dist.world_size, dist.rank, t.seed)
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch
-    strategy.setup(model, cfg.optim, total_steps)
+    strategy.setup(model, cfg.optim, total_steps, BatchPlan(t.micro_batch_size, accum, t.max_grad_norm))
 
     state: dict[str, Any] = {}
     start_step = 0
@@ -107,6 +118,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         seed_everything(t.seed + dist.rank)  # per-rank dropout streams
 
     logger = build_logger(cfg, run_dir, dist.is_main, total_steps, start_step)
+    holdings: list[dict] = []
     if dist.is_main:
         log.info(
             "strategy=%s world=%d device=%s precision=%s quant=%s accumulation=%d steps=%d "
@@ -156,6 +168,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
                 f"{step} (loss={step_loss}, grad_norm={grad_norm}); the last checkpoint is kept"
             )
         dt = time.perf_counter() - t0
+        if not holdings:  # after the first step, when the optimizer state exists
+            holdings = _report_holdings(strategy)
         train_time += dt
         tokens_seen += global_tokens
         losses.append(step_loss)
@@ -202,6 +216,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "tokens_per_s": tokens_seen / train_time if train_time else None,
         "train_time_s": train_time,
         "peak_memory_mb": peaks,
+        "holdings_bytes": holdings,
     }
     logger.close()
     if dist.is_main:

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..distributed import DistInfo
-from .base import Strategy
+from .base import BatchPlan, Strategy
 
 
-def build_strategy(cfg, dist: DistInfo) -> Strategy:
+def build_strategy(cfg, dist: DistInfo, compute_dtype: torch.dtype) -> Strategy:
     """The strategy named by ``cfg.name``; imports only what that strategy needs."""
     if cfg.name == "ddp":
         from .ddp import DDPStrategy
 
-        return DDPStrategy(cfg, dist)
+        return DDPStrategy(cfg, dist, compute_dtype)
+    if cfg.name == "fsdp":
+        from .fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg, dist, compute_dtype)
+    if cfg.name == "deepspeed":
+        from .deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(cfg, dist, compute_dtype)
     raise ValueError(f"strategy.name={cfg.name!r} is not implemented")
 
 
-__all__ = ["Strategy", "build_strategy"]
+__all__ = ["BatchPlan", "Strategy", "build_strategy"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ContextManager
 
@@ -20,15 +21,25 @@ from ..distributed import DistInfo
 from ..optim import build_optimizer, build_scheduler
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch is split on each rank (DeepSpeed wants to know up front)."""
+
+    micro_batch: int
+    accumulation: int
+    max_grad_norm: float
+
+
 class Strategy(ABC):
     name: str = "base"
     #: True when every rank must take part in every forward (parameters are sharded), so
     #: generation must keep ranks in lock-step.
     synced_forward: bool = False
 
-    def __init__(self, cfg, dist: DistInfo):
+    def __init__(self, cfg, dist: DistInfo, compute_dtype: torch.dtype):
         self.cfg = cfg
         self.dist = dist
+        self.compute_dtype = compute_dtype
         self.model: nn.Module | None = None  # the PEFT model, unwrapped
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
@@ -41,8 +52,11 @@ class Strategy(ABC):
     def wrap(self, model: nn.Module) -> nn.Module:
         """Apply the parallelism to ``model``; return the module the loop calls forward on."""
 
-    def setup(self, model: nn.Module, optim: OptimConfig, total_steps: int) -> None:
+    def setup(self, model: nn.Module, optim: OptimConfig, total_steps: int, plan: BatchPlan) -> None:
+        """Wrap the model, then build optimizer and schedule over its (possibly sharded)
+        trainable parameters."""
         self.model = model
+        self.plan = plan
         self.train_module = self.wrap(model)
         self.optimizer = build_optimizer(model.parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
@@ -78,6 +92,28 @@ class Strategy(ABC):
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def holdings(self) -> dict[str, int]:
+        """Bytes this rank holds locally: frozen base, trainable adapter, optimizer state.
+
+        Sharded parameters (DTensors) count only their local shard, so the numbers show what
+        each strategy really distributes.
+        """
+        def local_bytes(t: torch.Tensor) -> int:
+            t = t.to_local() if hasattr(t, "to_local") else t
+            return t.numel() * t.element_size()
+
+        base = adapter = 0
+        for p in self.model.parameters():
+            if p.requires_grad:
+                adapter += local_bytes(p)
+            else:
+                base += local_bytes(p)
+        optim = sum(
+            local_bytes(v) for st in self.optimizer.state.values() for v in st.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        )
+        return {"base_bytes": base, "adapter_bytes": adapter, "optimizer_bytes": optim}
 
     # -- state ---------------------------------------------------------------------------
     def save_state(self, path: Path) -> None:

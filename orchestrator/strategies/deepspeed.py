@@ -1,0 +1,138 @@
+"""DeepSpeed ZeRO-2 (adapter gradients and optimizer state sharded) and ZeRO-3 (parameters,
+the 4-bit base included, sharded too).
+
+DeepSpeed runs in fp32 mode here and our torch autocast supplies the mixed precision, as for
+the other strategies: the engine never casts the model, so the bitsandbytes weights and the
+fp32 LoRA master weights stay as loaded. Loss scaling and accumulation boundaries come from the
+loop (``scale_wrt_gas=False``, ``set_gradient_accumulation_boundary``), so the loss is the same
+global token mean as with DDP and FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from ..config import OptimConfig
+from ..optim import build_optimizer, build_scheduler
+from .base import BatchPlan, Strategy
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    @property
+    def synced_forward(self) -> bool:  # type: ignore[override]
+        return self.cfg.zero_stage == 3
+
+    def quant_storage_dtype(self, compute_dtype: torch.dtype) -> torch.dtype:
+        # ZeRO-3 partitions the packed weights, which needs a float dtype; its checkpoints
+        # only work with bf16 storage (fp32 and uint8 fail inside bitsandbytes; FACTS.md).
+        return torch.bfloat16 if self.cfg.zero_stage == 3 else torch.uint8
+
+    def ds_config(self, plan: BatchPlan) -> dict:
+        zero: dict = {"stage": self.cfg.zero_stage}
+        if self.cfg.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if self.cfg.zero_stage == 3 and self.cfg.offload_params:
+            zero["offload_param"] = {"device": "cpu"}
+        return {
+            "train_micro_batch_size_per_gpu": plan.micro_batch,
+            "gradient_accumulation_steps": plan.accumulation,
+            "train_batch_size": plan.micro_batch * plan.accumulation * self.dist.world_size,
+            "gradient_clipping": plan.max_grad_norm,
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError("DeepSpeed wraps model and optimizer together; see setup()")
+
+    def setup(self, model: nn.Module, optim: OptimConfig, total_steps: int, plan: BatchPlan) -> None:
+        """deepspeed.initialize takes the model, optimizer and schedule at once."""
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=self.dist.backend)
+        self.model = model
+        self.plan = plan
+        optimizer = build_optimizer(model.parameters(), optim)
+        scheduler = build_scheduler(optimizer, optim, total_steps)
+        engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=self.ds_config(plan),
+        )
+        self.engine = engine
+        self.train_module = engine
+        self.optimizer = ds_optimizer
+        self.scheduler = ds_scheduler
+
+    @property
+    def eval_module(self) -> nn.Module:
+        return self.engine.module
+
+    def accumulate(self, sync: bool) -> ContextManager:
+        self.engine.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, max_grad_norm: float) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def holdings(self) -> dict[str, int]:
+        out = super().holdings() if self.cfg.zero_stage != 3 else self._zero3_holdings()
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        out["optimizer_bytes"] = sum(
+            v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        )
+        return out
+
+    def _zero3_holdings(self) -> dict[str, int]:
+        base = adapter = 0
+        for p in self.model.parameters():
+            t = getattr(p, "ds_tensor", p)
+            n = t.numel() * t.element_size()
+            if p.requires_grad:
+                adapter += n
+            else:
+                base += n
+        return {"base_bytes": base, "adapter_bytes": adapter, "optimizer_bytes": 0}
+
+    # -- state: DeepSpeed's own checkpoint format ------------------------------------------
+    def save_state(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False,
+                                    exclude_frozen_parameters=True)
+
+    def load_state(self, path: Path) -> None:
+        # Frozen base weights are excluded from the checkpoint, so the module load is non-strict.
+        load_path, _ = self.engine.load_checkpoint(
+            str(path / "deepspeed"), tag="state", load_module_strict=False,
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
+        if load_path is None:
+            raise RuntimeError(f"{path}: DeepSpeed found no checkpoint to load")
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor] | None:
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.cfg.zero_stage != 3:
+            return super().adapter_state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if not self.dist.is_main:
+                return None
+            return {n: p.detach().to("cpu", copy=True) for n, p in params}
