@@ -146,6 +146,7 @@ def prepare_run_dir(cfg, overrides: Sequence[str]) -> Path:
     import yaml
 
     from orchestrator.config import to_container
+    from orchestrator.preempt import STOP_FILE
 
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg)
     run_dir = run_dir.resolve()
@@ -166,6 +167,7 @@ def prepare_run_dir(cfg, overrides: Sequence[str]) -> Path:
                 "differ); resume it with the same overrides or choose another run.dir"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale stop request must not end this run
     frozen.write_text(yaml.safe_dump(new, sort_keys=False))
     (run_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     return run_dir
@@ -194,16 +196,23 @@ def cmd_train(args: list[str]) -> int:
     cfg = build_config(args)
     preflight(cfg)
     run_dir = prepare_run_dir(cfg, args)
+    if cfg.launcher.name == "slurm":
+        from launch.slurm import SlurmError, submit
+
+        try:
+            return submit(cfg, run_dir)
+        except SlurmError as exc:
+            raise UsageError(str(exc)) from exc
     from launch.local import launch
 
     print(f"run directory: {run_dir}", flush=True)
     rc = launch(cfg, run_dir)
-    if rc == 0:
+    if rc == 0 and (run_dir / "summary.json").exists():
         print(f"outputs: {run_dir}/adapter (PEFT adapter), {run_dir}/summary.json, "
               f"{run_dir}/metrics.jsonl, {run_dir}/checkpoints", flush=True)
-        summary = run_dir / "summary.json"
-        if summary.exists():
-            print(summary.read_text(), end="")
+        print((run_dir / "summary.json").read_text(), end="")
+    elif rc == 0:
+        print(f"stopped at a checkpoint; continue with: orchestrate train run.dir={run_dir}", flush=True)
     else:
         print(f"training failed (exit code {rc}); the run directory {run_dir} can be resumed with "
               f"orchestrate train run.dir={run_dir}", file=sys.stderr, flush=True)

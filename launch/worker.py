@@ -57,4 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written and the process group is gone: skip interpreter teardown, where
+    # native libraries (DeepSpeed ZeRO-3 threads, FACTS.md) occasionally abort a finished run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -176,10 +176,45 @@ class LocalLauncherConfig(LauncherConfig):
 
 
 @dataclass
+class SlurmLauncherConfig(LauncherConfig):
+    name: str = "slurm"
+    nodes: int = 1
+    # GPUs per node to request (--gpus-per-node); null or 0 on CPU-only partitions.
+    gpus_per_node: Optional[int] = None
+    # Ranks per node; null: gpus_per_node, or 1 without GPUs.
+    nproc_per_node: Optional[int] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "01:00:00"
+    constraint: Optional[str] = None
+    exclusive: bool = False
+    mem: Optional[str] = None
+    cpus_per_task: Optional[int] = None
+    job_name: Optional[str] = None
+    # Extra '#SBATCH' lines, e.g. ["--mail-type=END", "--reservation=x"].
+    extra_sbatch: list[str] = field(default_factory=list)
+    # Shell lines run before training on every node (module loads, venv activation).
+    setup: list[str] = field(default_factory=list)
+    # Extra environment for the ranks as KEY=VALUE (NCCL settings and the like).
+    env: list[str] = field(default_factory=list)
+    # Seconds of warning before a time limit or preemption: checkpoint, exit, requeue.
+    signal_grace_s: int = 120
+    requeue: bool = True
+    rdzv_port: int = 29500
+    max_restarts: int = 0
+    dist_timeout_s: int = 1800
+    # Write and print the sbatch script, submit nothing.
+    dry_run: bool = False
+    # A template in slurm/ or a path to your own.
+    template: str = "train.sbatch"
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = False
-    # online | offline | disabled; online falls back to offline without an API key.
-    mode: str = "offline"
+    # auto: online when an API key is configured (WANDB_API_KEY or netrc), offline otherwise.
+    mode: str = "auto"
     project: str = "qlora-orchestrator"
     entity: Optional[str] = None
     name: Optional[str] = None
@@ -223,7 +258,7 @@ class RunConfig:
 STRATEGY_SCHEMAS: dict[str, type] = {
     "ddp": DDPConfig, "fsdp": FSDPConfig, "deepspeed": DeepSpeedConfig,
 }
-LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig}
+LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig, "slurm": SlurmLauncherConfig}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "quant.method": ("nf4", "fp4", "none"),
@@ -233,7 +268,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("alpaca",),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
-    "logger.wandb.mode": ("online", "offline", "disabled"),
+    "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
 }
 
 

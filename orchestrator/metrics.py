@@ -79,6 +79,64 @@ class ConsoleSink:
         self.bar.close()
 
 
+def wandb_mode(requested: str) -> str:
+    """auto: online when an API key is configured (env or netrc), offline otherwise."""
+    if requested != "auto":
+        return requested
+    import os
+
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        import netrc
+
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def _new_run_id() -> str:
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+class WandbSink:
+    """Weights & Biases on rank 0. The run id lives in ``run_dir/wandb_run_id`` so a resumed or
+    requeued run continues the same W&B run instead of starting a new one."""
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, cfg, run_dir: Path, run_config: dict[str, Any]):
+        import wandb
+
+        w = cfg.logger.wandb
+        id_file = run_dir / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id()
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(
+            project=w.project, entity=w.entity, name=w.name or run_dir.name, group=w.group,
+            tags=list(w.tags), job_type=w.job_type, mode=wandb_mode(w.mode), dir=str(run_dir),
+            id=run_id, resume="allow", config=run_config,
+            settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True),
+        )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        flat = {}
+        for k, v in metrics.items():
+            if isinstance(v, list):  # per-rank lists -> one series per rank
+                flat.update({f"{k}/rank{i}": x for i, x in enumerate(v)})
+            else:
+                flat[k] = v
+        self.run.log(flat, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class Logger:
     def __init__(self, sinks: list[Sink]):
         self.sinks = sinks
@@ -93,11 +151,22 @@ class Logger:
             sink.close()
 
 
-def build_logger(cfg, run_dir: Path, is_main: bool, total_steps: int, start_step: int) -> Logger:
+def build_logger(cfg, run_dir: Path, is_main: bool, total_steps: int, start_step: int,
+                 run_config: dict[str, Any] | None = None) -> Logger:
     """Sinks for rank 0 per ``cfg.logger``; an empty logger elsewhere."""
     if not is_main:
         return Logger([])
     sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl", resume_from_step=start_step)]
     if cfg.logger.console:
         sinks.append(ConsoleSink(total_steps, start_step))
+    if cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled":
+        import importlib.util
+        import logging
+
+        if importlib.util.find_spec("wandb") is None:
+            logging.getLogger("orchestrator").warning(
+                "logger.wandb.enabled=true but wandb is not installed (pip install -e '.[wandb]'); "
+                "logging to the console and metrics.jsonl only")
+        else:
+            sinks.append(WandbSink(cfg, run_dir, run_config or {}))
     return Logger(sinks)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .config import RunConfig, accumulation_steps
+from .config import RunConfig, accumulation_steps, to_container
 from .data import StepSampler, collate, load_examples
 from .distributed import (
     DistInfo, all_gather_object, all_reduce_sum, init_distributed, peak_memory_mb,
@@ -30,6 +30,8 @@ from .distributed import (
 )
 from .evaluate import eval_loss, exact_match, token_loss_sum
 from .metrics import build_logger
+from .preempt import StopRequest
+from .runinfo import git_commit, hardware, library_versions, peak_flops
 from .model import attach_lora, count_parameters, load_base, load_tokenizer
 from .strategies import BatchPlan, build_strategy
 
@@ -45,6 +47,7 @@ class RunResult:
     summary: dict[str, Any]
     model: Any = None  # the trained PEFT model (in-process runs and tests)
     losses: list[float] = field(default_factory=list)
+    stopped: bool = False  # a stop request ended the run early, after a checkpoint
 
 
 def seed_everything(seed: int) -> None:
@@ -65,6 +68,18 @@ def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo
     return out
 
 
+def _run_record(cfg: RunConfig, run_dir: Path, dist: DistInfo, strategy: str) -> dict[str, Any]:
+    """Config, overrides, code and machine, for W&B's run config (no environment, no secrets)."""
+    import yaml
+
+    overrides_file = run_dir / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+    return {
+        **to_container(cfg), "overrides": overrides, "git_commit": git_commit(),
+        "versions": library_versions(), "hardware": hardware(dist.world_size, strategy),
+    }
+
+
 def _report_holdings(strategy) -> list[dict]:
     """Gather and log what each rank holds locally (shows what the strategy shards)."""
     holdings = all_gather_object(strategy.holdings())
@@ -79,10 +94,11 @@ def _report_holdings(strategy) -> list[dict]:
 def run(cfg: RunConfig, run_dir: Path) -> RunResult:
     """Train per ``cfg`` on this rank, writing outputs into ``run_dir``."""
     dist = init_distributed(getattr(cfg.launcher, "dist_timeout_s", 600))
-    try:
-        return _run(cfg, Path(run_dir), dist)
-    finally:
-        shutdown()
+    # No barrier on failure: the other ranks may be inside a collective that this rank will
+    # never join; exiting lets torchrun tear the group down instead of hanging.
+    result = _run(cfg, Path(run_dir), dist)
+    shutdown()
+    return result
 
 
 def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
@@ -117,7 +133,12 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     else:
         seed_everything(t.seed + dist.rank)  # per-rank dropout streams
 
-    logger = build_logger(cfg, run_dir, dist.is_main, total_steps, start_step)
+    logger = build_logger(cfg, run_dir, dist.is_main, total_steps, start_step,
+                          run_config=_run_record(cfg, run_dir, dist, strategy.name))
+    # MFU estimate: a frozen base costs ~2N FLOPs per token forward and ~2N backward (input
+    # gradients only), plus another forward under activation checkpointing.
+    flops_per_token = (6 if cfg.model.gradient_checkpointing else 4) * total
+    peak = peak_flops(dist.device)
     holdings: list[dict] = []
     if dist.is_main:
         log.info(
@@ -132,6 +153,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         state["eval_before"] = before
         logger.log(0, before)
 
+    stop = StopRequest(run_dir, dist.device)
     model.train()
     losses: list[float] = []
     tokens_seen = state.get("tokens_seen", 0.0)
@@ -174,20 +196,37 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         tokens_seen += global_tokens
         losses.append(step_loss)
         state.setdefault("train_loss_first", step_loss)
-        metrics = {
-            "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": global_tokens / dt, "tokens_per_s_per_rank": global_tokens / dt / dist.world_size,
-            "non_pad_share": global_tokens / global_positions,
-            "step_time_s": dt,
-        }
         is_last = step == total_steps
         if step % cfg.logger.every_n_steps == 0 or is_last:
+            per_rank = all_gather_object((local_tokens / dt, peak_memory_mb(dist.device)))
+            metrics = {
+                "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": global_tokens / dt,
+                "tokens_per_s_per_rank": [round(r[0], 1) for r in per_rank],
+                "non_pad_share": global_tokens / global_positions,
+                "step_time_s": dt,
+                "peak_memory_mb": [round(r[1], 1) for r in per_rank],
+            }
+            if peak is not None:
+                metrics["mfu"] = global_tokens / dt * flops_per_token / (peak * dist.world_size)
             logger.log(step, metrics)
         if t.eval_every and step % t.eval_every == 0 and not is_last and eval_examples:
             logger.log(step, _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast))
+        saved = False
         if t.save_every and step % t.save_every == 0 and not is_last:
             state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss)
             checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
+            saved = True
+        if not is_last and stop.agreed():
+            if not saved:
+                state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss)
+                checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
+            if dist.is_main:
+                log.info("stop requested: checkpoint saved at step %d; the run resumes from it "
+                         "when started again with run.dir=%s", step, run_dir)
+            logger.close()
+            return RunResult(summary={"stopped_at_step": step}, model=model, losses=losses,
+                             stopped=True)
 
     after = _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast) if eval_examples else {}
     if after:

@@ -36,6 +36,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
+def rewind(run_dir: Path, step: int) -> None:
+    """Make ``run_dir`` look as if it had stopped right after the checkpoint of ``step``."""
+    import shutil
+
+    ckpts = run_dir / "checkpoints"
+    for ckpt in ckpts.glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    (ckpts / "latest").write_text(f"step-{step:08d}")
+    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory) -> Path:
     """One real `orchestrate train` on 2 CPU ranks, shared by the end-to-end tests."""

@@ -1,0 +1,164 @@
+"""Slurm launcher against a real Slurm (munge + slurmctld + two slurmd on this machine).
+
+The dry-run rendering tests need no Slurm; the job tests skip only where Slurm cannot be
+started (not root). CI runs as root, so it runs them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import orchestrate, read_metrics
+
+COMMON = [
+    "trainer.precision=fp32", "lora.dropout=0.0", "trainer.eval_generate_examples=0",
+    "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "optim.lr=2e-3",
+    "logger=basic", "logger.console=false", "trainer.seed=5",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from slurm_cluster import LocalSlurm, SlurmUnavailable
+
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as exc:
+        pytest.skip(f"no Slurm here: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+def _submit(slurm, run_dir: Path, *overrides: str) -> str:
+    proc = orchestrate("train", "launcher=slurm", "launcher.nodes=2", "launcher.time=00:15:00",
+                       f"run.dir={run_dir}", *COMMON, *overrides, env={"SLURM_CONF": str(slurm.conf)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"script: {run_dir / 'job.sbatch'}" in proc.stdout
+    job_id = (run_dir / "slurm_job_id").read_text().strip()
+    assert f"submitted Slurm job {job_id}" in proc.stdout
+    assert f"log: {run_dir / ('slurm-' + job_id + '.out')}" in proc.stdout
+    return job_id
+
+
+def _log(run_dir: Path, job_id: str) -> str:
+    path = run_dir / f"slurm-{job_id}.out"
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.slow
+def test_two_node_job_trains(slurm, tmp_path) -> None:
+    run_dir = tmp_path / "two_node"
+    job = _submit(slurm, run_dir, "trainer.max_steps=6")
+    state = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    assert state == "COMPLETED", _log(run_dir, job)[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert summary["train_loss_last"] < summary["train_loss_first"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert "rendezvous at 127.0.0.1:" in _log(run_dir, job)
+
+
+@pytest.mark.slow
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path) -> None:
+    steps = 30
+    run_dir = tmp_path / "preempted"
+    job = _submit(slurm, run_dir, f"trainer.max_steps={steps}")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = [m for m in read_metrics(run_dir) if "loss" in m] if (run_dir / "metrics.jsonl").exists() else []
+        if len(done) >= 3:
+            break
+        time.sleep(0.2)
+    out = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    # The job checkpoints, exits and requeues itself; release it from its requeue hold.
+    deadline = time.time() + 120
+    while time.time() < deadline and slurm.job_field(job, "Restarts") != "1":
+        time.sleep(1)
+    assert slurm.job_field(job, "Restarts") == "1", _log(run_dir, job)[-3000:]
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env, check=True)
+    state = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    log = _log(run_dir, job)
+    assert state == "COMPLETED", log[-3000:]
+    assert "USR1: asking ranks to checkpoint and stop" in log
+    assert "requeueing job" in log and "(restart 1)" in log
+    stopped_at = int(log.split("checkpoint saved at step ")[1].split(";")[0])
+    assert 1 <= stopped_at < steps
+    assert f"resuming at step {stopped_at}" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps
+
+    # Same steps and losses as an uninterrupted local run of the same config on 2 ranks.
+    ref_dir = tmp_path / "uninterrupted"
+    proc = orchestrate("train", f"run.dir={ref_dir}", "launcher.nproc_per_node=2",
+                       f"trainer.max_steps={steps}", *COMMON)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [(m["step"], m["loss"]) for m in read_metrics(run_dir) if "loss" in m]
+    want = [(m["step"], m["loss"]) for m in read_metrics(ref_dir) if "loss" in m]
+    assert [s for s, _ in got] == list(range(1, steps + 1))
+    assert got == want
+
+
+def test_dry_run_renders_multi_node_gpu_script(tmp_path) -> None:
+    run_dir = tmp_path / "dry"
+    proc = orchestrate(
+        "train", "launcher=slurm", "launcher.nodes=4", "launcher.gpus_per_node=8",
+        "launcher.partition=gpu", "launcher.account=proj", "launcher.qos=high",
+        "launcher.time=12:00:00", "launcher.cpus_per_task=64", "launcher.mem=0",
+        "launcher.exclusive=true", "launcher.constraint=h100", "launcher.signal_grace_s=300",
+        "launcher.extra_sbatch=[--mail-type=END]",
+        'launcher.setup=["module load cuda/12.4","source /opt/venv/bin/activate"]',
+        'launcher.env=["NCCL_DEBUG=WARN","NCCL_IB_DISABLE=0"]', "launcher.dry_run=true",
+        "strategy=fsdp", f"run.dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    assert script == (run_dir / "job.sbatch").read_text()
+    for line in [
+        "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=64", "#SBATCH --time=12:00:00", "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --constraint=h100",
+        "#SBATCH --mem=0", "#SBATCH --exclusive", "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --requeue", "#SBATCH --mail-type=END", "module load cuda/12.4",
+        "source /opt/venv/bin/activate", "export NCCL_DEBUG=WARN", "export NCCL_IB_DISABLE=0",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}",
+        "--nnodes=4 --nproc_per_node=8",
+        '--rdzv_backend=c10d --rdzv_endpoint="${HEAD_ADDR}:${RDZV_PORT}" --rdzv_id="${SLURM_JOB_ID}"',
+        "scontrol requeue",
+    ]:
+        assert line in script, line
+    assert not (run_dir / "slurm_job_id").exists()
+    result = subprocess.run(["bash", "-n", str(run_dir / "job.sbatch")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr  # valid shell
+
+
+def test_values_cannot_inject_shell(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    run_dir = tmp_path / "we ird $(touch pwned)"
+    proc = orchestrate(
+        "train", "launcher=slurm", "launcher.dry_run=true", f"run.dir='{run_dir}'",
+        f"launcher.job_name='x; touch {marker}'", f"launcher.time='1:00:00 $(touch {marker})'",
+        f"launcher.env=['A=1; touch {marker}']",
+    )
+    assert proc.returncode == 0, proc.stderr
+    script = (run_dir / "job.sbatch").read_text()
+    # Run every non-directive line with srun/scontrol stubbed out: nothing gets touched.
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    for name in ("srun", "scontrol", "sbatch"):
+        (stub / name).write_text("#!/bin/sh\nexit 0\n")
+        (stub / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "n1"}
+    subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert not marker.exists()
+    assert not (tmp_path / "pwned").exists()
+    assert f"export A='1; touch {marker}'" in script
