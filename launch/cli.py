@@ -118,11 +118,54 @@ def preflight(cfg) -> None:
             check_rows(path, cfg.data)
         except DataError as exc:
             raise UsageError(f"data.{key}: {exc}") from exc
+    _check_world(cfg)
+    if model_dir.exists():
+        _check_tokenizer(cfg, model_dir)
     missing = _missing_packages(cfg.strategy.name)
     if missing:
         raise UsageError(
             f"strategy={cfg.strategy.name} needs {missing}, which is not installed "
             f"(pip install -e '.[{missing}]')"
+        )
+
+
+def world_size(cfg) -> int:
+    """Ranks the launcher will start (known before launch, so batch sizes can be checked)."""
+    launcher = cfg.launcher
+    if launcher.name == "slurm":
+        from launch.slurm import ranks_per_node
+
+        return launcher.nodes * ranks_per_node(launcher)
+    from launch.local import default_nproc
+
+    return launcher.nproc_per_node or default_nproc()
+
+
+def _check_world(cfg) -> None:
+    from orchestrator.config import ConfigError, accumulation_steps
+
+    try:
+        accumulation_steps(cfg, world_size(cfg))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _check_tokenizer(cfg, model_dir: Path) -> None:
+    """A tokenizer whose ids overflow the model's embedding table would fail mid-run."""
+    import json
+
+    vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+    tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
+    tok_file = tok_dir / "tokenizer.json"
+    if vocab is None or not tok_file.exists():
+        return
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(tok_file)).get_vocab_size(with_added_tokens=True)
+    if size > vocab:
+        raise UsageError(
+            f"model.tokenizer={str(tok_dir)!r} has {size} tokens but the model at "
+            f"model.path={cfg.model.path!r} embeds only {vocab}; they do not belong together"
         )
 
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(rank)
     from orchestrator.config import from_container
     from orchestrator.data import DataError
-    from orchestrator.train import run
+    from orchestrator.train import NonFiniteError, run
 
     cfg = from_container(yaml.safe_load((run_dir / "config.yaml").read_text()))
     try:
@@ -53,6 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"rank {rank}: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"rank {rank}: error: {exc}", file=sys.stderr)
+        return 3
+    except Exception as exc:
+        import traceback
+
+        from orchestrator.distributed import describe_failure
+
+        traceback.print_exc()
+        timeout = getattr(cfg.launcher, "dist_timeout_s", 600)
+        print(f"error: {describe_failure(exc, rank, timeout)}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

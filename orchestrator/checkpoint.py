@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-from .distributed import DistInfo, barrier, broadcast_object
+from . import faults
+from .distributed import DistInfo, barrier, broadcast_object, set_phase
 from .strategies import Strategy
 
 
@@ -63,6 +64,7 @@ def save(
     keep_last_n: int,
 ) -> Path:
     """Write a checkpoint for ``step`` from every rank; returns its final path."""
+    set_phase(f"checkpoint save at step {step}")
     root = checkpoints_dir(run_dir)
     name = f"step-{step:08d}"
     final = root / name
@@ -74,6 +76,8 @@ def save(
         tmp.mkdir()
     barrier()
     strategy.save_state(tmp)
+    if faults.armed("checkpoint_write", step, dist.rank):
+        faults.die()  # killed mid-write: the partial .tmp dir must never be resumed from
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state(dist.device)

@@ -122,7 +122,11 @@ class TrainerConfig:
     eval_max_new_tokens: int = 16
     # Save a resumable checkpoint every N optimizer steps (0: only at the end).
     save_every: int = 0
+    # Keep this many complete checkpoints (0: keep all).
     keep_last_n: int = 2
+    # On a non-finite loss or gradient norm: stop (the last good checkpoint stays) or skip
+    # the update and go on.
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -268,6 +272,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("alpaca",),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
+    "trainer.on_nonfinite": ("stop", "skip"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
 }
 
@@ -371,6 +376,11 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.strategy.name == "deepspeed" and cfg.strategy.offload_params and cfg.strategy.zero_stage != 3:
         raise ConfigError("strategy.offload_params=true needs strategy.zero_stage=3")
+    if cfg.strategy.name == "deepspeed" and cfg.trainer.on_nonfinite == "skip":
+        raise ConfigError(
+            "trainer.on_nonfinite='skip' is not supported with strategy=deepspeed (its engine "
+            "applies the step itself); use stop"
+        )
     if getattr(cfg.strategy, "shard_base", False) and cfg.quant.storage_dtype == "uint8":
         raise ConfigError(
             "quant.storage_dtype='uint8' cannot be sharded with strategy.shard_base=true; "

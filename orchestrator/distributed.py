@@ -15,6 +15,29 @@ import torch
 import torch.distributed as dist
 
 
+_PHASE = "startup"
+
+
+def set_phase(phase: str) -> None:
+    """Record what this rank is doing, so a failed or timed-out collective can say where."""
+    global _PHASE
+    _PHASE = phase
+
+
+def current_phase() -> str:
+    return _PHASE
+
+
+def describe_failure(exc: BaseException, rank: int, timeout_s: int) -> str:
+    """One line for a rank's failure; names the rank, the phase and, for a timed-out
+    collective, the timeout and the likely cause."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (f"rank {rank}: a collective timed out after {timeout_s} s "
+                f"(launcher.dist_timeout_s) during {_PHASE}: another rank is hung or dead ({text})")
+    return f"rank {rank}: {type(exc).__name__} during {_PHASE}: {text}"
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int

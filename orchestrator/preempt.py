@@ -1,7 +1,8 @@
 """Graceful stop: a preemption warning, a time limit or a user request becomes "checkpoint at
 the next step boundary and exit cleanly".
 
-Two ways in, so it works under any launcher: a signal to the rank (SIGUSR1, SIGTERM) or the
+Two ways in, so it works under any launcher: SIGUSR1 to the rank (SIGTERM stays fatal: it is
+how torchrun tears a failed group down) or the
 file ``run_dir/STOP`` (what the Slurm batch script writes when Slurm warns it with
 ``--signal=B:USR1@grace``; users can ``touch`` it too). Ranks agree on the step to stop at
 through one tiny all-reduce per step, so they all checkpoint the same step.
@@ -23,11 +24,10 @@ class StopRequest:
         self.file = run_dir / STOP_FILE
         self.device = device
         self.signalled = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (in-process tests)
-                pass
+        try:
+            signal.signal(signal.SIGUSR1, self._handler)
+        except ValueError:  # not the main thread (in-process tests)
+            pass
 
     def _handler(self, signum, frame) -> None:
         self.signalled = True

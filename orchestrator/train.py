@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, faults
 from .config import RunConfig, accumulation_steps, to_container
 from .data import StepSampler, collate, load_examples
 from .distributed import (
     DistInfo, all_gather_object, all_reduce_sum, init_distributed, peak_memory_mb,
-    resolve_precision, shutdown,
+    resolve_precision, set_phase, shutdown,
 )
 from .evaluate import eval_loss, exact_match, token_loss_sum
 from .metrics import build_logger
@@ -57,6 +57,7 @@ def seed_everything(seed: int) -> None:
 
 def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo, autocast) -> dict:
     t = cfg.trainer
+    set_phase("evaluation")
     out = {"eval_loss": eval_loss(strategy.eval_module, eval_examples, dist, t.eval_batch_size,
                                   tokenizer.pad_token_id, autocast)}
     if t.eval_generate_examples:
@@ -154,6 +155,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         logger.log(0, before)
 
     stop = StopRequest(run_dir, dist.device)
+    skipped = state.get("skipped_steps", 0)
     model.train()
     losses: list[float] = []
     tokens_seen = state.get("tokens_seen", 0.0)
@@ -161,6 +163,9 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     step = start_step
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
+        if faults.armed("hang", step, dist.rank):
+            time.sleep(3600)  # a rank stuck outside any collective
+        set_phase(f"step {step} forward/backward (gradient all-reduce)")
         micro = [collate([train_examples[i] for i in mb], tokenizer.pad_token_id)
                  for mb in sampler.micro_batches(step - 1)]
         local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
@@ -178,24 +183,36 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
                         input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False
                     ).logits
                     loss, _ = token_loss_sum(logits, b["labels"])
+                    if faults.armed("nan_loss", step, dist.rank):
+                        loss = loss * float("nan")
                 strategy.backward(loss * scale)
             loss_sum += loss.detach().double()
         lr = strategy.lr
+        set_phase(f"step {step} optimizer step (grad-norm all-reduce)")
         grad_norm = strategy.step(t.max_grad_norm)
+        set_phase(f"step {step} loss all-reduce")
         (loss_total,) = all_reduce_sum([float(loss_sum)], dist.device)
         step_loss = loss_total / max(global_targets, 1.0)
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            raise NonFiniteError(
-                f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} at step "
-                f"{step} (loss={step_loss}, grad_norm={grad_norm}); the last checkpoint is kept"
-            )
+        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+        if not finite:
+            what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+            if t.on_nonfinite == "stop":
+                raise NonFiniteError(
+                    f"non-finite {what} at step {step} (loss={step_loss}, grad_norm={grad_norm}); "
+                    f"stopped, the last good checkpoint is kept ({checkpoint.latest(run_dir)})"
+                )
+            skipped += 1
+            if dist.is_main:
+                log.warning("non-finite %s at step %d: update skipped (%d so far)", what, step, skipped)
         dt = time.perf_counter() - t0
         if not holdings:  # after the first step, when the optimizer state exists
             holdings = _report_holdings(strategy)
         train_time += dt
         tokens_seen += global_tokens
-        losses.append(step_loss)
-        state.setdefault("train_loss_first", step_loss)
+        state["skipped_steps"] = skipped
+        if finite:
+            losses.append(step_loss)
+            state.setdefault("train_loss_first", step_loss)
         is_last = step == total_steps
         if step % cfg.logger.every_n_steps == 0 or is_last:
             per_rank = all_gather_object((local_tokens / dt, peak_memory_mb(dist.device)))
@@ -207,6 +224,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
                 "step_time_s": dt,
                 "peak_memory_mb": [round(r[1], 1) for r in per_rank],
             }
+            if not finite:
+                metrics["skipped"] = True
             if peak is not None:
                 metrics["mfu"] = global_tokens / dt * flops_per_token / (peak * dist.world_size)
             logger.log(step, metrics)
@@ -255,6 +274,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "tokens_per_s": tokens_seen / train_time if train_time else None,
         "train_time_s": train_time,
         "peak_memory_mb": peaks,
+        "skipped_steps": skipped,
         "holdings_bytes": holdings,
     }
     logger.close()

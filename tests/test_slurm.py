@@ -117,7 +117,7 @@ def test_dry_run_renders_multi_node_gpu_script(tmp_path) -> None:
         "launcher.extra_sbatch=[--mail-type=END]",
         'launcher.setup=["module load cuda/12.4","source /opt/venv/bin/activate"]',
         'launcher.env=["NCCL_DEBUG=WARN","NCCL_IB_DISABLE=0"]', "launcher.dry_run=true",
-        "strategy=fsdp", f"run.dir={run_dir}",
+        "strategy=fsdp", "trainer.global_batch_size=256", f"run.dir={run_dir}",
     )
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout

@@ -57,12 +57,14 @@ def test_one_rank_batch_2b_equals_two_ranks_batch_b(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def in_process_run(tmp_path_factory):
     """A short 1-rank run in this process, so the trained PEFT model itself is at hand."""
-    from launch.cli import build_config
+    from launch.cli import build_config, prepare_run_dir
     from orchestrator.train import run
 
-    run_dir = tmp_path_factory.mktemp("inproc")
-    cfg = build_config([*FAST, "trainer.max_steps=6", "trainer.precision=fp32",
-                        "trainer.eval_generate_examples=0", f"run.dir={run_dir}"])
+    overrides = [*FAST, "trainer.max_steps=6", "trainer.precision=fp32",
+                 "trainer.eval_generate_examples=0",
+                 f"run.dir={tmp_path_factory.mktemp('inproc')}"]
+    cfg = build_config(overrides)
+    run_dir = prepare_run_dir(cfg, overrides)
     result = run(cfg, run_dir)
     model = result.model.eval()
     return cfg, run_dir, model

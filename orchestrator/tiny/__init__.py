@@ -1,0 +1,1 @@
+"""Embedded default model and dataset: a tiny character-level Llama and checkable instruction tasks."""
