@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_FLAGS) $(CONSTRAINTS) --no-build-isolation 'deepspeed>=0.16' ninja
 	touch $@
 
+# The embedded tiny model wants a higher lr than the defaults (chosen for real models).
+DEMO_ARGS ?= optim.lr=3e-3 trainer.max_steps=300
+
 demo: setup
-	$(VENV)/bin/orchestrate train
+	$(VENV)/bin/orchestrate train $(DEMO_ARGS)
 
 test: setup
 	$(VENV)/bin/pytest -q tests

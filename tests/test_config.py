@@ -50,3 +50,43 @@ def test_unknown_command() -> None:
     proc = orchestrate("trian")
     assert proc.returncode == 2
     assert "unknown command 'trian'" in proc.stderr
+
+
+def test_batch_must_divide_over_world() -> None:
+    proc = orchestrate("train", "launcher.nproc_per_node=3", "trainer.micro_batch_size=4")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: trainer.global_batch_size=16 is not divisible by trainer.micro_batch_size=4 x "
+        "world size 3; use a multiple of 12"
+    )
+
+
+def test_tokenizer_model_mismatch(tmp_path) -> None:
+    import json
+    import shutil
+
+    from orchestrator.config import ASSETS_DIR
+
+    model = tmp_path / "small-vocab"
+    shutil.copytree(ASSETS_DIR / "tiny-llama", model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["vocab_size"] = 64
+    (model / "config.json").write_text(json.dumps(cfg))
+    proc = orchestrate("train", f"model.path={model}")
+    assert proc.returncode == 2
+    assert "has 128 tokens but the model" in proc.stderr and "embeds only 64" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_existing_run_dir_guards(tmp_path) -> None:
+    from launch.cli import build_config, prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    overrides = [f"run.dir={run_dir}", "optim.lr=1e-3"]
+    prepare_run_dir(build_config(overrides), overrides)  # an existing run's directory
+    other = orchestrate("train", f"run.dir={run_dir}", "optim.lr=2e-3")
+    assert other.returncode == 2
+    assert "belongs to a run with a different config (optim differ)" in other.stderr
+    refuse = orchestrate("train", f"run.dir={run_dir}", "optim.lr=1e-3", "run.resume=false")
+    assert refuse.returncode == 2
+    assert "already holds a run and run.resume=false" in refuse.stderr

@@ -114,7 +114,7 @@ def test_dry_run_renders_multi_node_gpu_script(tmp_path) -> None:
         "launcher.partition=gpu", "launcher.account=proj", "launcher.qos=high",
         "launcher.time=12:00:00", "launcher.cpus_per_task=64", "launcher.mem=0",
         "launcher.exclusive=true", "launcher.constraint=h100", "launcher.signal_grace_s=300",
-        "launcher.extra_sbatch=[--mail-type=END]",
+        'launcher.extra_sbatch=["--mail-type=END"]',
         'launcher.setup=["module load cuda/12.4","source /opt/venv/bin/activate"]',
         'launcher.env=["NCCL_DEBUG=WARN","NCCL_IB_DISABLE=0"]', "launcher.dry_run=true",
         "strategy=fsdp", "trainer.global_batch_size=256", f"run.dir={run_dir}",
