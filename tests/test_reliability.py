@@ -89,8 +89,14 @@ def _start_and_kill_rank1(run_dir: Path, *extra: str) -> subprocess.CompletedPro
 
 
 def test_killed_rank_with_restarts_resumes_by_itself(reference, tmp_path) -> None:
-    run_dir = tmp_path / "restart"
-    done = _start_and_kill_rank1(run_dir, "launcher.max_restarts=1", "launcher.dist_timeout_s=60")
+    for attempt in range(2):
+        run_dir = tmp_path / f"restart{attempt}"
+        done = _start_and_kill_rank1(run_dir, "launcher.max_restarts=1", "launcher.dist_timeout_s=60")
+        # Seen once in ~10 runs on this machine: after torchrun's restart, gloo's full-mesh
+        # connect is refused and the new group never forms. That is a gloo/torchrun restart
+        # race, not a resume failure; try the whole scenario once more before failing.
+        if done.returncode == 0 or "connectFullMesh" not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-4000:]
     assert "resuming at step" in done.stderr
     assert _losses(run_dir)[-1][0] == STEPS
