@@ -15,11 +15,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
+# DeepSpeed builds against the torch just installed (no isolated build env, which would pull a
+# CUDA torch) and without precompiled ops: it JIT-compiles what it uses.
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) $(CONSTRAINTS) -e '.[dev,wandb]'
-	# DeepSpeed builds against the torch just installed (no isolated build env, which would
-	# pull a CUDA torch) and without precompiled ops: it JIT-compiles what it uses.
 	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_FLAGS) $(CONSTRAINTS) --no-build-isolation 'deepspeed>=0.16' ninja
 	touch $@
 
