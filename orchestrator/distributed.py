@@ -71,6 +71,15 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
         if device.type == "cuda":
             kwargs["device_id"] = device
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0 and "MASTER_ADDR" in os.environ:
+            # After torchrun restarts a group, keys a dead rank published (its gloo address)
+            # can still be in the shared store; a prefix per attempt keeps the new group from
+            # dialling the dead one ("connectFullMesh ... Connection refused").
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  is_master=False, timeout=timedelta(seconds=timeout_s))
+            kwargs.update(store=dist.PrefixStore(f"orchestrator/attempt{restart}", store),
+                          rank=rank, world_size=world_size)
         dist.init_process_group(**kwargs)
     return DistInfo(rank, local_rank, world_size, device, backend)
 
