@@ -25,7 +25,7 @@ from . import checkpoint, faults
 from .config import RunConfig, accumulation_steps, to_container
 from .data import StepSampler, collate, load_examples
 from .distributed import (
-    DistInfo, all_gather_object, all_reduce_sum, init_distributed, peak_memory_mb,
+    DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, init_distributed, peak_memory_mb,
     resolve_precision, set_phase, shutdown,
 )
 from .evaluate import eval_loss, exact_match, token_loss_sum
@@ -215,7 +215,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             state.setdefault("train_loss_first", step_loss)
         is_last = step == total_steps
         if step % cfg.logger.every_n_steps == 0 or is_last:
-            per_rank = all_gather_object((local_tokens / dt, peak_memory_mb(dist.device)))
+            per_rank = all_gather_floats([local_tokens / dt, peak_memory_mb(dist.device)], dist.device)
             metrics = {
                 "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": global_tokens / dt,

@@ -8,6 +8,7 @@ adapter is gathered for export. The loop never asks which strategy it runs.
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,7 @@ class Strategy(ABC):
         (before clipping), or nan when it was not finite and the step was skipped."""
         norm = self.clip_grad_norm(max_grad_norm)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if torch.isfinite(torch.tensor(norm)):
+        if math.isfinite(norm):
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ from typing import ContextManager
 
 import contextlib
 
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -16,7 +17,7 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        if self.dist.world_size == 1 or not _dist_ready():
+        if self.dist.world_size == 1 or not dist.is_initialized():
             self._ddp = None
             return model
         self._ddp = DistributedDataParallel(
@@ -31,9 +32,3 @@ class DDPStrategy(Strategy):
         if self._ddp is None or sync:
             return contextlib.nullcontext()
         return self._ddp.no_sync()
-
-
-def _dist_ready() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_initialized()
