@@ -80,10 +80,15 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path)
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     # The job checkpoints, exits and requeues itself; release it from its requeue hold.
+    # While the requeue is under way Slurm briefly reports the old incarnation's end state
+    # (seen: FAILED); release the job only once it is back in the queue as PENDING.
     deadline = time.time() + 120
-    while time.time() < deadline and slurm.job_field(job, "Restarts") != "1":
-        time.sleep(1)
+    while time.time() < deadline and not (
+        slurm.job_field(job, "Restarts") == "1" and slurm.squeue_state(job) == "PENDING"
+    ):
+        time.sleep(0.5)
     assert slurm.job_field(job, "Restarts") == "1", _log(run_dir, job)[-3000:]
+    assert slurm.squeue_state(job) == "PENDING", _log(run_dir, job)[-3000:]
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env, check=True)
     state = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
     log = _log(run_dir, job)
