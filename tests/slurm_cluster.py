@@ -162,6 +162,14 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
                 return token.split("=", 1)[1]
         return ""
 
+    def controller_log(self, job_id: str) -> str:
+        """slurmctld's lines about one job: what a failed test prints to say why."""
+        path = self.root / "slurmctld.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        return "\n--- slurmctld.log ---\n" + "\n".join(
+            line for line in lines if f"JobId={job_id} " in line or f"job {job_id}" in line.lower()
+        )[-3000:]
+
     def wait(self, job_id: str, states: set[str], timeout: float) -> str:
         deadline = time.time() + timeout
         state = ""

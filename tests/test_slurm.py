@@ -79,20 +79,25 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path)
     out = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    # The job checkpoints, exits and requeues itself; release it from its requeue hold.
-    # While the requeue is under way Slurm briefly reports the old incarnation's end state
-    # (seen: FAILED); release the job only once it is back in the queue as PENDING.
-    deadline = time.time() + 120
-    while time.time() < deadline and not (
-        slurm.job_field(job, "Restarts") == "1" and slurm.squeue_state(job) == "PENDING"
-    ):
-        time.sleep(0.5)
-    assert slurm.job_field(job, "Restarts") == "1", _log(run_dir, job)[-3000:]
-    assert slurm.squeue_state(job) == "PENDING", _log(run_dir, job)[-3000:]
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env, check=True)
-    state = slurm.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    # The job checkpoints, exits and requeues itself, and Slurm holds a requeued job back for a
+    # while (BeginTime); release it. While the requeue is under way Slurm briefly reports the old
+    # incarnation's end state (seen in CI: FAILED, both before and after the job shows PENDING
+    # again), so judge the outcome only once the second incarnation has started (its banner is
+    # in the log) and its end state is stable.
+    state, stable, deadline = "", 0, time.time() + 420
+    while time.time() < deadline:
+        state = slurm.squeue_state(job)
+        if state == "PENDING" and slurm.job_field(job, "Restarts") == "1":
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env,
+                           capture_output=True)
+        started_again = "(restart 1)" in _log(run_dir, job)
+        terminal = state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+        stable = stable + 1 if started_again and terminal else 0
+        if stable >= 3:
+            break
+        time.sleep(1)
     log = _log(run_dir, job)
-    assert state == "COMPLETED", log[-3000:]
+    assert state == "COMPLETED", log[-3000:] + slurm.controller_log(job)
     assert "USR1: asking ranks to checkpoint and stop" in log
     assert "requeueing job" in log and "(restart 1)" in log
     stopped_at = int(log.split("checkpoint saved at step ")[1].split(";")[0])
