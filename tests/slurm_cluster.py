@@ -120,12 +120,11 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
             self.pids.append(self.root / pid)
         deadline = time.time() + 60
         while time.time() < deadline:
-            out = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env)
-            states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
-            if states.get("n1") == "idle" and states.get("n2") == "idle":
+            if self.nodes_idle():
                 return self
             time.sleep(1)
         self.stop()
+        out = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env)
         raise SlurmUnavailable(f"nodes never became idle: {out.stdout or out.stderr}")
 
     def stop(self) -> None:
@@ -161,6 +160,11 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
             if token.startswith(name + "="):
                 return token.split("=", 1)[1]
         return ""
+
+    def nodes_idle(self) -> bool:
+        out = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env)
+        states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+        return states.get("n1") == "idle" and states.get("n2") == "idle"
 
     def controller_log(self, job_id: str) -> str:
         """slurmctld's lines about one job: what a failed test prints to say why."""

@@ -80,14 +80,19 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path)
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     # The job checkpoints, exits and requeues itself, and Slurm holds a requeued job back for a
-    # while (BeginTime); release it. While the requeue is under way Slurm briefly reports the old
+    # while (BeginTime); release it once the old incarnation is cleaned up. While the requeue is
+    # under way Slurm briefly reports the old
     # incarnation's end state (seen in CI: FAILED, both before and after the job shows PENDING
     # again), so judge the outcome only once the second incarnation has started (its banner is
     # in the log) and its end state is stable.
     state, stable, deadline = "", 0, time.time() + 420
     while time.time() < deadline:
         state = slurm.squeue_state(job)
-        if state == "PENDING" and slurm.job_field(job, "Restarts") == "1":
+        # Release only once both nodes are idle: a job started while slurmd is still killing
+        # its previous incarnation is refused ("Job 2 already killed, do not launch batch
+        # job") and ends FAILED.
+        if (state == "PENDING" and slurm.job_field(job, "Restarts") == "1"
+                and slurm.nodes_idle()):
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env,
                            capture_output=True)
         started_again = "(restart 1)" in _log(run_dir, job)
