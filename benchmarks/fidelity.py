@@ -5,8 +5,8 @@ quantization) and FP4, with the same data, seeds, steps and LoRA settings.
                                   [--out DIR] [extra overrides ...]
 
 Each variant and seed is one real ``orchestrate train`` on ``--nproc`` ranks in
-``DIR/<variant>/seed-<seed>/``; a run directory that already holds a ``summary.json`` is read
-instead of trained again, so an interrupted benchmark continues where it stopped. Prints a table
+``DIR/<variant>/seed-<seed>/``; a finished run made with the same overrides is read instead of
+trained again, so an interrupted benchmark continues where it stopped. Prints a table
 relative to 16-bit LoRA (means over seeds, min-max in brackets), checks the paper's claims
 against it, and writes ``table.md``, ``results.json`` and ``fidelity.png`` (eval curves) to DIR.
 
@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import re
 import statistics
 from pathlib import Path
 
-from common import ROOT, read_run, train
+from common import ROOT, train
 
 VARIANTS: dict[str, list[str]] = {
     "16-bit LoRA": ["quant=none"],
@@ -50,16 +51,14 @@ def run_variant(name: str, overrides: list[str], seeds: list[int], common: list[
     runs = []
     for seed in seeds:
         run_dir = out / _slug(name) / f"seed-{seed}"
-        if (run_dir / "summary.json").exists():
-            runs.append(read_run(run_dir))
-            continue
-        print(f"training {name}, seed {seed} -> {run_dir}", flush=True)
-        runs.append(train(run_dir, [*common, f"trainer.seed={seed}", *overrides]))
+        if not (run_dir / "summary.json").exists():
+            print(f"training {name}, seed {seed} -> {run_dir}", flush=True)
+        runs.append(train(run_dir, [*common, f"trainer.seed={seed}", *overrides], reuse=True))
     return runs
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "values": values}
 
 
 def _curves(runs: list[dict]) -> dict[str, dict[int, list[float]]]:
@@ -127,42 +126,80 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _matches(a: dict, b: dict) -> tuple[bool, str]:
-    """Whether ``a`` matches ``b`` in quality (eval loss and accuracy margins), and the numbers."""
-    d_loss = a["eval_loss"]["mean"] / b["eval_loss"]["mean"] - 1
-    d_acc = a["accuracy_pct"]["mean"] - b["accuracy_pct"]["mean"]
-    ok = abs(d_loss) <= LOSS_MARGIN and abs(d_acc) <= ACCURACY_MARGIN_POINTS
-    return ok, f"eval loss {d_loss * 100:+.1f}%, exact match {d_acc:+.1f} points"
+def _diff(a: dict, b: dict, key: str, relative: bool = False) -> tuple[float, float]:
+    """Mean of ``a`` minus mean of ``b`` over seeds, and the standard error of that difference
+    (0 with one seed: no noise estimate); ``relative`` divides both by ``b``'s mean."""
+    va, vb = a[key]["values"], b[key]["values"]
+    se = math.sqrt(sum(statistics.variance(v) / len(v) for v in (va, vb) if len(v) > 1))
+    d = statistics.fmean(va) - statistics.fmean(vb)
+    scale = statistics.fmean(vb) if relative else 1.0
+    return d / scale, se / scale
 
 
-def claims(rows: list[dict]) -> list[tuple[bool, str]]:
-    """The paper's claims checked against this run's rows: (holds, statement with numbers)."""
+def _combine(verdicts: list[str]) -> str:
+    if "does not hold" in verdicts:
+        return "does not hold"
+    return "holds" if all(v == "holds" for v in verdicts) else "unresolved"
+
+
+def _matches(a: dict, b: dict) -> tuple[str, str]:
+    """Whether ``a`` matches ``b`` within the margins: "holds" when the difference +- two
+    standard errors lies inside them, "does not hold" when it lies outside, else "unresolved"
+    (the seeds' noise is larger than the margin)."""
+    verdicts, parts = [], []
+    for key, margin, relative, unit in (("eval_loss", LOSS_MARGIN * 100, True, "%"),
+                                        ("accuracy_pct", ACCURACY_MARGIN_POINTS, False, " points")):
+        d, se = _diff(a, b, key, relative)
+        d, se = (d * 100, se * 100) if relative else (d, se)
+        verdicts.append("holds" if abs(d) + 2 * se <= margin else
+                        "does not hold" if abs(d) - 2 * se > margin else "unresolved")
+        parts.append(f"{'eval loss' if key == 'eval_loss' else 'exact match'} {d:+.1f} +- {2 * se:.1f}{unit}")
+    return _combine(verdicts), ", ".join(parts)
+
+
+def _no_better(a: dict, b: dict) -> tuple[str, str]:
+    """Whether ``a`` is no better than ``b``: "does not hold" when ``a`` is better by more than
+    two standard errors on either metric, "holds" when it is not better on both, else
+    "unresolved"."""
+    d_loss, se_loss = _diff(a, b, "eval_loss", relative=True)
+    d_acc, se_acc = _diff(a, b, "accuracy_pct")
+    if d_loss + 2 * se_loss < 0 or d_acc - 2 * se_acc > 0:
+        verdict = "does not hold"
+    else:
+        verdict = "holds" if d_loss >= 0 and d_acc <= 0 else "unresolved"
+    return verdict, (f"eval loss {d_loss * 100:+.1f} +- {2 * se_loss * 100:.1f}%, "
+                     f"exact match {d_acc:+.1f} +- {2 * se_acc:.1f} points")
+
+
+def claims(rows: list[dict]) -> list[tuple[str, str]]:
+    """The paper's claims checked against this run's rows: (verdict, statement with numbers).
+
+    Differences are means over seeds with +- two standard errors over seeds; a claim is
+    "unresolved" where that noise straddles its margin, which more seeds (or a larger eval
+    set) narrows.
+    """
     by = {r["name"]: r for r in rows if "error" not in r}
-    out: list[tuple[bool, str]] = []
+    out: list[tuple[str, str]] = []
     margin = f"within {LOSS_MARGIN:.0%} eval loss and {ACCURACY_MARGIN_POINTS:g} points"
     if REFERENCE in by:
         for name in ("NF4 + DQ", "NF4"):
             if name in by:
-                ok, nums = _matches(by[name], by[REFERENCE])
-                out.append((ok, f"{name} matches 16-bit LoRA ({margin}): {nums}"))
+                verdict, nums = _matches(by[name], by[REFERENCE])
+                out.append((verdict, f"{name} matches 16-bit LoRA ({margin}): {nums}"))
     if "NF4 + DQ" in by and "FP4 + DQ" in by:
-        nf4, fp4 = by["NF4 + DQ"], by["FP4 + DQ"]
-        ok = (fp4["eval_loss"]["mean"] >= nf4["eval_loss"]["mean"]
-              and fp4["accuracy_pct"]["mean"] <= nf4["accuracy_pct"]["mean"])
-        out.append((ok, f"FP4 no better than NF4 (both + DQ): eval loss {fp4['eval_loss']['mean']:.4f} vs "
-                        f"{nf4['eval_loss']['mean']:.4f}, exact match {fp4['accuracy_pct']['mean']:.1f}% vs "
-                        f"{nf4['accuracy_pct']['mean']:.1f}%"))
+        verdict, nums = _no_better(by["FP4 + DQ"], by["NF4 + DQ"])
+        out.append((verdict, f"FP4 no better than NF4 (both + DQ), FP4 minus NF4: {nums}"))
     if "NF4 + DQ" in by and "NF4" in by:
         dq, plain = by["NF4 + DQ"], by["NF4"]
         # 4-bit codes + an 8-bit absmax per 64 weights + an fp32 absmax per 256 of those.
         expected_dq, expected_plain = 0.5 + 1 / 64 + 4 / (64 * 256), 0.5 + 4 / 64
         sizes_ok = (abs(dq["base_bytes_per_param"] - expected_dq) < 1e-3
                     and abs(plain["base_bytes_per_param"] - expected_plain) < 1e-3)
-        quality_ok, nums = _matches(dq, plain)
-        out.append((sizes_ok and quality_ok,
+        verdict, nums = _matches(dq, plain)
+        out.append((_combine(["holds" if sizes_ok else "does not hold", verdict]),
                     f"double quantization: base {dq['base_bytes_per_param']:.4f} vs "
                     f"{plain['base_bytes_per_param']:.4f} bytes/param (expected {expected_dq:.4f} vs "
-                    f"{expected_plain:.4f}), same quality ({margin}): {nums}"))
+                    f"{expected_plain:.4f}), same quality ({margin}), DQ minus no DQ: {nums}"))
     return out
 
 
@@ -227,8 +264,10 @@ def main() -> None:
     checked = claims(rows)
     header = (f"{len(args.seeds)} seed(s) {args.seeds}, {args.steps} steps, eval every {args.eval_every}, "
               f"{args.nproc} ranks, overrides {' '.join(common)}\nmachine: {machine()}")
-    report = "\n".join([header, "", table(rows), "", *(f"- [{'holds' if ok else 'does not hold'}] {text}"
-                                                       for ok, text in checked)])
+    seeds_note = ("+- is two standard errors over seeds" if len(args.seeds) > 1
+                  else "one seed: no noise estimate, verdicts from single runs")
+    report = "\n".join([header, "", table(rows), "", f"Claims ({seeds_note}):",
+                        *(f"- [{verdict}] {text}" for verdict, text in checked)])
     (out / "table.md").write_text(report + "\n")
     (out / "results.json").write_text(json.dumps({"header": header, "rows": rows,
                                                   "claims": checked}, indent=2) + "\n")
