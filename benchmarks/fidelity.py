@@ -1,7 +1,7 @@
 """QLoRA's quality claims in miniature: 16-bit LoRA against NF4 (with and without double
 quantization) and FP4, with the same data, seeds, steps and LoRA settings.
 
-    python benchmarks/fidelity.py [--steps 300] [--seeds 1234 1235] [--eval-every 50]
+    python benchmarks/fidelity.py [--steps 300] [--seeds 1234 1235 1236] [--eval-every 50]
                                   [--out DIR] [extra overrides ...]
 
 Each variant and seed is one real ``orchestrate train`` on ``--nproc`` ranks in
@@ -189,6 +189,14 @@ def claims(rows: list[dict]) -> list[tuple[str, str]]:
     if "NF4 + DQ" in by and "FP4 + DQ" in by:
         verdict, nums = _no_better(by["FP4 + DQ"], by["NF4 + DQ"])
         out.append((verdict, f"FP4 no better than NF4 (both + DQ), FP4 minus NF4: {nums}"))
+        if REFERENCE in by:
+            # LoRA starts as a no-op, so the eval before tuning measures the quantized base
+            # alone: the same for every seed, no training noise.
+            ref = by[REFERENCE]["eval_loss_before"]["mean"]
+            off = {n: by[n]["eval_loss_before"]["mean"] / ref - 1 for n in ("NF4 + DQ", "FP4 + DQ")}
+            out.append(("holds" if abs(off["NF4 + DQ"]) < abs(off["FP4 + DQ"]) else "does not hold",
+                        f"NF4's base is closer to the 16-bit base than FP4's (eval loss before tuning, "
+                        f"no seed noise): NF4 {off['NF4 + DQ'] * 100:+.2f}%, FP4 {off['FP4 + DQ'] * 100:+.2f}%"))
     if "NF4 + DQ" in by and "NF4" in by:
         dq, plain = by["NF4 + DQ"], by["NF4"]
         # 4-bit codes + an 8-bit absmax per 64 weights + an fp32 absmax per 256 of those.
@@ -244,7 +252,7 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--nproc", type=int, default=2)
     slugs = {_slug(name): name for name in VARIANTS}

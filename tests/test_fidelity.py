@@ -35,7 +35,8 @@ def test_table_has_every_variant_and_the_claims(bench):
     assert not any("failed" in r for r in rows)
     assert (out / "table.md").read_text().strip() in stdout
     claims = [line for line in stdout.splitlines() if line.startswith("- [")]
-    assert len(claims) == 4  # NF4+DQ and NF4 vs 16-bit, FP4 vs NF4, double quantization
+    # NF4+DQ and NF4 vs 16-bit, FP4 vs NF4 after and before tuning, double quantization
+    assert len(claims) == 5
 
 
 def test_results_measure_what_each_variant_holds(bench):
