@@ -1,8 +1,9 @@
 """QLoRA's quality claims in miniature: 16-bit LoRA against NF4 (with and without double
 quantization) and FP4, with the same data, seeds, steps and LoRA settings.
 
-    python benchmarks/fidelity.py [--steps 300] [--seeds 1234 1235 1236] [--eval-every 50]
-                                  [--out DIR] [extra overrides ...]
+    python benchmarks/fidelity.py [--steps 300] [--seeds 1234,1235,1236] [--eval-every 50]
+                                  [--variants 16-bit-lora,nf4-dq,nf4,fp4-dq] [--out DIR]
+                                  [extra overrides for every run ...]
 
 Each variant and seed is one real ``orchestrate train`` on ``--nproc`` ranks in
 ``DIR/<variant>/seed-<seed>/``; a finished run made with the same overrides is read instead of
@@ -44,6 +45,23 @@ ACCURACY_MARGIN_POINTS = 2.0
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,3")
+
+
+def _variants(text: str) -> list[str]:
+    """Variant names from their slugs (nf4-dq,fp4-dq), in the order given."""
+    by_slug = {_slug(name): name for name in VARIANTS}
+    unknown = [v for v in text.split(",") if v not in by_slug]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown {', '.join(unknown)}; choose from {', '.join(by_slug)}")
+    return [by_slug[v] for v in text.split(",")]
 
 
 def run_variant(name: str, overrides: list[str], seeds: list[int], common: list[str], out: Path) -> list[dict]:
@@ -252,12 +270,12 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
+    # Comma-separated lists: a space-separated one would swallow the trailing overrides.
+    ap.add_argument("--seeds", type=_seeds, default=[1234, 1235, 1236], help="e.g. 1234,1235,1236")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--nproc", type=int, default=2)
-    slugs = {_slug(name): name for name in VARIANTS}
-    ap.add_argument("--variants", nargs="+", choices=list(slugs), default=list(slugs),
-                    help="subset of variants (default: all)")
+    ap.add_argument("--variants", type=_variants, default=list(VARIANTS),
+                    help=f"comma-separated subset of {','.join(map(_slug, VARIANTS))} (default: all)")
     ap.add_argument("--out", type=Path, default=None,
                     help="benchmark directory (default: runs/fidelity-<timestamp>)")
     ap.add_argument("extra", nargs="*", help="more overrides for every run, e.g. trainer.precision=fp32")
@@ -267,8 +285,8 @@ def main() -> None:
     common = [*DEFAULT_OVERRIDES, f"trainer.max_steps={args.steps}", f"trainer.eval_every={args.eval_every}",
               f"launcher.nproc_per_node={args.nproc}", *args.extra]
 
-    rows = [aggregate(slugs[v], run_variant(slugs[v], VARIANTS[slugs[v]], args.seeds, common, out))
-            for v in args.variants]
+    rows = [aggregate(name, run_variant(name, VARIANTS[name], args.seeds, common, out))
+            for name in args.variants]
     checked = claims(rows)
     header = (f"{len(args.seeds)} seed(s) {args.seeds}, {args.steps} steps, eval every {args.eval_every}, "
               f"{args.nproc} ranks, overrides {' '.join(common)}\nmachine: {machine()}")

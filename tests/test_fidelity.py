@@ -66,7 +66,7 @@ def test_reruns_read_finished_runs_and_draw_the_curves(bench):
     assert len(before) == 4
     proc = subprocess.run(
         [sys.executable, "benchmarks/fidelity.py", "--steps", "3", "--eval-every", "2", "--seeds", "7",
-         "--out", str(out), "--variants", "nf4-dq", "nf4",
+         "--out", str(out), "--variants", "nf4-dq,nf4",
          "trainer.eval_generate_examples=4", "trainer.eval_max_new_tokens=4"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
