@@ -144,14 +144,31 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Student t 97.5% quantiles by degrees of freedom (a 95% two-sided interval); between entries
+# the lower df is used, which widens the interval slightly.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
 def _diff(a: dict, b: dict, key: str, relative: bool = False) -> tuple[float, float]:
-    """Mean of ``a`` minus mean of ``b`` over seeds, and the standard error of that difference
-    (0 with one seed: no noise estimate); ``relative`` divides both by ``b``'s mean."""
+    """Mean of ``a`` minus mean of ``b`` over seeds and the half-width of its 95% confidence
+    interval (Welch: unequal variances, t quantile for few seeds; 0 with one seed each, which
+    gives no noise estimate). ``relative`` divides both by ``b``'s mean.
+
+    Few seeds make the standard error itself noisy: two standard errors from two seeds can be
+    several times too narrow, so the interval uses the t quantile, not 2.
+    """
     va, vb = a[key]["values"], b[key]["values"]
-    se = math.sqrt(sum(statistics.variance(v) / len(v) for v in (va, vb) if len(v) > 1))
     d = statistics.fmean(va) - statistics.fmean(vb)
+    parts = [statistics.variance(v) / len(v) for v in (va, vb) if len(v) > 1]
+    se2 = sum(parts)
+    if se2 > 0:
+        dof = se2 ** 2 / sum(p ** 2 / (len(v) - 1) for p, v in zip(parts, (va, vb)))
+        t = T975[max(k for k in T975 if k <= max(dof, 1))] if dof < 30 else 1.96
+    else:
+        t = 0.0
     scale = statistics.fmean(vb) if relative else 1.0
-    return d / scale, se / scale
+    return d / scale, t * math.sqrt(se2) / scale
 
 
 def _combine(verdicts: list[str]) -> str:
@@ -161,39 +178,39 @@ def _combine(verdicts: list[str]) -> str:
 
 
 def _matches(a: dict, b: dict) -> tuple[str, str]:
-    """Whether ``a`` matches ``b`` within the margins: "holds" when the difference +- two
-    standard errors lies inside them, "does not hold" when it lies outside, else "unresolved"
+    """Whether ``a`` matches ``b`` within the margins: "holds" when the difference's 95%
+    confidence interval lies inside them, "does not hold" when it lies outside, else "unresolved"
     (the seeds' noise is larger than the margin)."""
     verdicts, parts = [], []
     for key, margin, relative, unit in (("eval_loss", LOSS_MARGIN * 100, True, "%"),
                                         ("accuracy_pct", ACCURACY_MARGIN_POINTS, False, " points")):
-        d, se = _diff(a, b, key, relative)
-        d, se = (d * 100, se * 100) if relative else (d, se)
-        verdicts.append("holds" if abs(d) + 2 * se <= margin else
-                        "does not hold" if abs(d) - 2 * se > margin else "unresolved")
-        parts.append(f"{'eval loss' if key == 'eval_loss' else 'exact match'} {d:+.1f} +- {2 * se:.1f}{unit}")
+        d, hw = _diff(a, b, key, relative)
+        d, hw = (d * 100, hw * 100) if relative else (d, hw)
+        verdicts.append("holds" if abs(d) + hw <= margin else
+                        "does not hold" if abs(d) - hw > margin else "unresolved")
+        parts.append(f"{'eval loss' if key == 'eval_loss' else 'exact match'} {d:+.1f} +- {hw:.1f}{unit}")
     return _combine(verdicts), ", ".join(parts)
 
 
 def _no_better(a: dict, b: dict) -> tuple[str, str]:
     """Whether ``a`` is no better than ``b``: "does not hold" when ``a`` is better by more than
-    two standard errors on either metric, "holds" when it is not better on both, else
+    its 95% confidence interval on either metric, "holds" when it is not better on both, else
     "unresolved"."""
-    d_loss, se_loss = _diff(a, b, "eval_loss", relative=True)
-    d_acc, se_acc = _diff(a, b, "accuracy_pct")
-    if d_loss + 2 * se_loss < 0 or d_acc - 2 * se_acc > 0:
+    d_loss, hw_loss = _diff(a, b, "eval_loss", relative=True)
+    d_acc, hw_acc = _diff(a, b, "accuracy_pct")
+    if d_loss + hw_loss < 0 or d_acc - hw_acc > 0:
         verdict = "does not hold"
     else:
         verdict = "holds" if d_loss >= 0 and d_acc <= 0 else "unresolved"
-    return verdict, (f"eval loss {d_loss * 100:+.1f} +- {2 * se_loss * 100:.1f}%, "
-                     f"exact match {d_acc:+.1f} +- {2 * se_acc:.1f} points")
+    return verdict, (f"eval loss {d_loss * 100:+.1f} +- {hw_loss * 100:.1f}%, "
+                     f"exact match {d_acc:+.1f} +- {hw_acc:.1f} points")
 
 
 def claims(rows: list[dict]) -> list[tuple[str, str]]:
     """The paper's claims checked against this run's rows: (verdict, statement with numbers).
 
-    Differences are means over seeds with +- two standard errors over seeds; a claim is
-    "unresolved" where that noise straddles its margin, which more seeds (or a larger eval
+    Differences are means over seeds with their 95% confidence interval; a claim is
+    "unresolved" where that interval straddles its margin, which more seeds (or a larger eval
     set) narrows.
     """
     by = {r["name"]: r for r in rows if "error" not in r}
@@ -293,7 +310,7 @@ def main() -> None:
     checked = claims(rows)
     header = (f"{len(args.seeds)} seed(s) {args.seeds}, {args.steps} steps, eval every {args.eval_every}, "
               f"{args.nproc} ranks, overrides {' '.join(common)}\nmachine: {machine()}")
-    seeds_note = ("+- is two standard errors over seeds" if len(args.seeds) > 1
+    seeds_note = ("+- is the 95% confidence interval over seeds" if len(args.seeds) > 1
                   else "one seed: no noise estimate, verdicts from single runs")
     report = "\n".join([header, "", table(rows), "", f"Claims ({seeds_note}):",
                         *(f"- [{verdict}] {text}" for verdict, text in checked)])
