@@ -286,9 +286,9 @@ def machine() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # 600 steps: at 300 every run is still descending and one run's eval loss varies ~13% by
-    # seed, far wider than the claims' margins; at 600 it varies 1-5% (benchmarks/RESULTS.md).
-    # 2 seeds x 4 variants x ~2 min fit the ~15-minute budget on 2 CPU cores.
+    # 600 steps: at 300 every run is still descending and varies by seed ~13% in eval loss and
+    # ~5 points in exact match; at 600, 1.5-12% and 0.5-3 points (benchmarks/RESULTS.md).
+    # 2 seeds x 4 variants x ~2 min: ~17 minutes on 2 CPU cores.
     ap.add_argument("--steps", type=int, default=600)
     # Comma-separated lists: a space-separated one would swallow the trailing overrides.
     ap.add_argument("--seeds", type=_seeds, default=[1234, 1235], help="e.g. 1234,1235,1236")
