@@ -10,14 +10,12 @@ each rank holds locally.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import train
+
 STRATEGIES = {
     "ddp": ["strategy=ddp"],
     "fsdp": ["strategy=fsdp"],
@@ -28,24 +26,21 @@ STRATEGIES = {
 
 
 def run_one(name: str, overrides: list[str], steps: int, nproc: int, extra: list[str], root: Path) -> dict:
-    run_dir = root / name.replace(" ", "_")
-    cmd = [sys.executable, "-m", "launch", "train", f"run.dir={run_dir}", f"trainer.max_steps={steps}",
-           f"launcher.nproc_per_node={nproc}", "trainer.eval_generate_examples=0", "logger=basic",
-           "logger.console=false", *overrides, *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"name": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
-    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [m for m in metrics if "loss" in m]
-    warm = train[min(5, len(train) - 1):]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    out = train(root / name.replace(" ", "_"), [
+        f"trainer.max_steps={steps}", f"launcher.nproc_per_node={nproc}",
+        "trainer.eval_generate_examples=0", *overrides, *extra])
+    if "error" in out:
+        return {"name": name, "error": out["error"]}
+    train_metrics = [m for m in out["metrics"] if "loss" in m]
+    warm = train_metrics[min(5, len(train_metrics) - 1):]
+    summary = out["summary"]
     return {
         "name": name,
         "step_time_s": statistics.median(m["step_time_s"] for m in warm),
         "tokens_per_s": statistics.median(m["tokens_per_s"] for m in warm),
         "peak_mb": max(summary["peak_memory_mb"]),
         "base_mb": max(h["base_bytes"] for h in summary["holdings_bytes"]) / 2**20,
-        "final_loss": train[-1]["loss"],
+        "final_loss": train_metrics[-1]["loss"],
     }
 
 

@@ -165,6 +165,47 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def base_linear_storage(model: nn.Module) -> dict[str, float]:
+    """What the frozen base's linear layers (the ones 4-bit quantization applies to: every
+    Linear but the output head) hold, per parameter, as loaded.
+
+    Call before a strategy shards the model (with or without LoRA attached: adapter layers are
+    trainable and not counted; on meta tensors only sizes are read). ``bytes_per_param`` counts
+    packed weights, biases and the per-block constants (absmax; with double quantization its
+    8-bit codes plus the fp32 second-level absmax and offset): the part that scales with model
+    size, 0.5625 for plain 4-bit and ~0.516 with double quantization (QLoRA paper, sec. 3).
+    ``bytes_per_param_with_tables`` adds the lookup tables bitsandbytes keeps per layer (a
+    16-entry 4-bit map, a 256-entry map for the nested constants), a fixed ~1 KB a layer that
+    is visible on small layers and vanishes on large ones.
+    """
+    import bitsandbytes as bnb
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    head = model.get_output_embeddings()
+    params = scaled = tables = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            qs = module.weight.quant_state
+            params += qs.shape.numel()
+            scaled += nbytes(module.weight) + nbytes(qs.absmax)
+            tables += nbytes(qs.code)
+            if qs.nested:
+                scaled += nbytes(qs.state2.absmax) + nbytes(qs.offset)
+                tables += nbytes(qs.state2.code)
+        elif isinstance(module, nn.Linear) and module is not head and not module.weight.requires_grad:
+            params += module.weight.numel()
+            scaled += nbytes(module.weight)
+        else:
+            continue
+        if module.bias is not None:
+            scaled += nbytes(module.bias)
+    per_param = (lambda b: b / params) if params else (lambda b: float("nan"))
+    return {"params": params, "bytes_per_param": per_param(scaled),
+            "bytes_per_param_with_tables": per_param(scaled + tables)}
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 

@@ -32,7 +32,7 @@ from .evaluate import eval_loss, exact_match, token_loss_sum
 from .metrics import build_logger
 from .preempt import StopRequest
 from .runinfo import git_commit, hardware, library_versions, peak_flops
-from .model import count_parameters, load_tokenizer
+from .model import base_linear_storage, count_parameters, load_tokenizer
 from .strategies import BatchPlan, build_strategy
 
 log = logging.getLogger("orchestrator")
@@ -113,6 +113,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     strategy = build_strategy(cfg.strategy, dist, compute_dtype)
     tokenizer = load_tokenizer(cfg.model)
     model = strategy.load_model(cfg.model, cfg.quant, cfg.lora)
+    base_storage = base_linear_storage(model)  # before any sharding
     trainable, total = count_parameters(model)
 
     train_examples = load_examples(cfg.data.path, tokenizer, cfg.data)
@@ -277,6 +278,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "load_peak_memory_mb": load_peaks,
         "skipped_steps": skipped,
         "holdings_bytes": holdings,
+        "base_storage": base_storage,
     }
     logger.close()
     if dist.is_main:

@@ -26,6 +26,8 @@ def test_two_rank_train_outputs_and_learning(two_rank_run: Path) -> None:
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert 0.0 <= summary["eval_accuracy_before"] <= 1.0 and 0.0 <= summary["eval_accuracy_after"] <= 1.0
     assert summary["tokens_per_s"] > 0
+    # NF4 + double quantization: 4-bit codes, 8-bit absmax per 64, fp32 absmax per 256 of those.
+    assert summary["base_storage"]["bytes_per_param"] == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), abs=1e-4)
     train = [m for m in read_metrics(run_dir) if "loss" in m]
     assert [m["step"] for m in train] == list(range(1, 13))
     for m in train:
