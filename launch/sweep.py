@@ -49,7 +49,9 @@ class Sweep:
         try:
             cfg = build_config(overrides)
             cfg.run.dir = str(path)
-            cfg.logger.wandb.group = cfg.logger.wandb.group or self.name
+            wandb = cfg.logger.wandb
+            wandb.group = wandb.group or self.name
+            wandb.name = f"{wandb.name or self.name}-{path.name}"
             preflight(cfg)
             prepare_run_dir(cfg, overrides)
         except UsageError as exc:
@@ -65,7 +67,10 @@ def _label(index: int, total: int) -> str:
 def _announce(state: dict[str, Any], metric: str, total: int) -> None:
     params = " ".join(f"{k}={v}" for k, v in state["params"].items())
     value = state["summary"].get(metric)
-    result = f"{metric}={value:.4f}" if isinstance(value, float) else state["reason"]
+    if isinstance(value, float):
+        result = f"{metric}={value:.4f}"
+    else:
+        result = state["reason"] or f"no {metric} in its summary.json (is data.eval_path set?)"
     print(f"{_label(state['index'], total)} {params}: {state['status']} ({result})", flush=True)
 
 
@@ -115,8 +120,10 @@ def run_optuna(base, plain: list[str], sweeps: list) -> Sweep:
     study = optuna.create_study(direction=s.direction, sampler=sampler, study_name=s.study_name or sweep.name,
                                 storage=s.storage, load_if_exists=True)
     print(f"sweep {sweep.name}: Optuna study of {s.n_trials} trials in {sweep.dir}", flush=True)
+    index_of = {}
     for i in range(s.n_trials):
         trial = study.ask(space)
+        index_of[trial.number] = i
         overrides = sweep_space.trial_overrides([*plain, *fixed], trial.params)
         state = _run_local(sweep, i, overrides, dict(trial.params), s.n_trials)
         value = state["summary"].get(s.metric)
@@ -124,10 +131,10 @@ def run_optuna(base, plain: list[str], sweeps: list) -> Sweep:
             study.tell(trial, float(value))
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    best = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if best:
-        print(f"optuna best: trial-{study.best_trial.number:03d} {s.metric}={study.best_value:.4f} "
-              f"{study.best_params}", flush=True)
+    if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        number = study.best_trial.number  # a persistent study may hold earlier sessions' trials
+        where = f"trial-{index_of[number]:03d}" if number in index_of else f"study trial {number}"
+        print(f"optuna best: {where} {s.metric}={study.best_value:.4f} {study.best_params}", flush=True)
     return sweep
 
 
