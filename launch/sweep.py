@@ -88,14 +88,18 @@ def _run_local(sweep: Sweep, index: int, overrides: list[str], params: dict[str,
     return state
 
 
-def _grid_trials(args: list[str]) -> tuple[list[list[str]], list[str], list[dict[str, Any]]]:
-    trials, keys = sweep_space.grid(args)
+def _grid_trials(base, args: list[str]) -> tuple[list[list[str]], list[str], list[dict[str, Any]]]:
+    """Trials of the grid over ``sweep.params`` and the command line (which wins per key), as
+    Hydra's basic sweeper combines ``hydra.sweeper.params`` with the overrides."""
+    given = {o.get_key_element() for o in sweep_space.parse(args)}
+    preset = [f"{k}={v}" for k, v in base.sweep.params.items() if k not in given]
+    trials, keys = sweep_space.grid([*preset, *args])
     params = [sweep_space.swept_values(t, keys) for t in trials]
     return trials, keys, params
 
 
 def run_grid(base, args: list[str], plain: list[str]) -> Sweep:
-    trials, keys, params = _grid_trials(args)
+    trials, keys, params = _grid_trials(base, args)
     sweep = Sweep(base, plain, keys)
     print(f"sweep {sweep.name}: {len(trials)} trials in {sweep.dir}", flush=True)
     for i, (overrides, p) in enumerate(zip(trials, params)):
@@ -143,7 +147,7 @@ def submit_grid(base, args: list[str], plain: list[str]) -> int:
     from launch.slurm import SlurmError, submit_array
     from orchestrator.config import to_container
 
-    trials, keys, params = _grid_trials(args)
+    trials, keys, params = _grid_trials(base, args)
     sweep = Sweep(base, plain, keys)
     ready, array_cfg = [], None
     for i, (overrides, p) in enumerate(zip(trials, params)):
