@@ -185,3 +185,28 @@ def test_slurm_grid_runs_as_one_job_array(slurm, tmp_path, small_eval) -> None:
     assert [r["status"] for r in rows] == ["completed", "completed"]
     losses = [_summary(r["run_dir"])["eval_loss_after"] for r in rows]
     assert losses == sorted(losses)
+
+
+def test_optuna_space_reads_hydra_optuna_sweeper_format() -> None:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from launch.sweep_space import optuna_space, split
+
+    preset = {"optim.lr": "tag(log, interval(1e-4, 1e-2))", "lora.r": "choice(4, 8, 16)",
+              "lora.alpha": "16", "trainer.seed": "range(1, 10, 3)", "optim.scheduler": "cosine,linear"}
+    plain, sweeps = split(["lora.r=8", "optim.weight_decay=interval(0, 0.1)"])
+    space, fixed = optuna_space(preset, plain, sweeps)
+    assert space == {
+        "optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
+        "trainer.seed": IntDistribution(1, 7, step=3),  # range() excludes its stop
+        "optim.scheduler": CategoricalDistribution(["cosine", "linear"]),
+        "optim.weight_decay": FloatDistribution(0.0, 0.1),
+    }  # lora.r is fixed by the command line
+    assert fixed == ["lora.alpha=16"]
+
+
+def test_job_array_spec_compresses_task_ranges() -> None:
+    from launch.slurm import JobArray
+
+    assert JobArray([0, 1, 2, 4, 6, 7], Path("t"), 2).spec() == "0-2,4,6-7%2"
+    assert JobArray([0, 1], Path("t"), 0).spec() == "0-1"
