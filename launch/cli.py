@@ -20,6 +20,10 @@ USAGE = """usage: orchestrate COMMAND [ARGS]
 
 commands:
   train [--cfg job] [KEY=VALUE ...]   compose conf/ with overrides and train (torchrun on this node)
+  train -m [KEY=a,b ...]              sweep: one trial per combination (grid), or an Optuna study
+                                      with sweep=optuna; trials run one after another here or as
+                                      one Slurm job array with launcher=slurm
+  sweep-report SWEEP_DIR              trials ranked by eval loss: table, report.csv, report.png
   merge run_dir=PATH [out=PATH] [dtype=bf16|fp16|fp32]
                                       merge a run's adapter into the dequantized base and save a
                                       standard transformers model directory (default RUN/merged)
@@ -28,6 +32,8 @@ examples:
   orchestrate train                                    # embedded tiny model and data, 2 CPU ranks
   orchestrate train model.path=/models/llama-3-8b data.path=train.jsonl trainer.max_steps=1000
   orchestrate train --cfg job quant=none               # print the composed config, run nothing
+  orchestrate train -m optim.lr=1e-4,3e-4 lora.r=8,16  # 2x2 grid sweep
+  orchestrate train -m sweep=optuna sweep.n_trials=20  # Optuna search (conf/sweep/optuna.yaml)
 """
 
 # Sections whose change makes an existing run directory a different run.
@@ -220,7 +226,9 @@ def cmd_train(args: list[str]) -> int:
     from omegaconf import OmegaConf
 
     if "-m" in args or "--multirun" in args:
-        raise UsageError("multirun sweeps (-m) are not supported yet; run one configuration at a time")
+        from launch.sweep import run_sweep
+
+        return run_sweep([a for a in args if a not in ("-m", "--multirun")])
     cfg_mode: Optional[str] = None
     if "--cfg" in args:
         i = args.index("--cfg")
@@ -280,13 +288,26 @@ def cmd_merge(args: list[str]) -> int:
     return 0
 
 
+def cmd_sweep_report(args: list[str]) -> int:
+    if len(args) != 1 or args[0].startswith("-"):
+        raise UsageError("sweep-report takes one argument: the sweep directory")
+    from launch.sweep_report import report
+    from launch.sweep_store import SweepDirError
+
+    try:
+        print(report(Path(args[0]).resolve()))
+    except SweepDirError as exc:
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
     command, rest = args[0], args[1:]
-    commands = {"train": cmd_train, "merge": cmd_merge}
+    commands = {"train": cmd_train, "merge": cmd_merge, "sweep-report": cmd_sweep_report}
     try:
         if command not in commands:
             raise UsageError(f"unknown command {command!r}; choose one of: {', '.join(commands)}")

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 
 def default_nproc() -> int:
@@ -32,8 +33,12 @@ def worker_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def launch(cfg, run_dir: Path) -> int:
-    """Run torchrun in the foreground; returns its exit code."""
+def launch(cfg, run_dir: Path, log_path: Optional[Path] = None) -> int:
+    """Run torchrun in the foreground; returns its exit code. With ``log_path`` (sweep trials)
+    the ranks' output goes to that file instead of the console."""
     cmd = torchrun_command(cfg, run_dir)
     nproc = cfg.launcher.nproc_per_node or default_nproc()
-    return subprocess.call(cmd, env=worker_env(nproc))
+    if log_path is None:
+        return subprocess.call(cmd, env=worker_env(nproc))
+    with open(log_path, "ab") as log:
+        return subprocess.call(cmd, env=worker_env(nproc), stdout=log, stderr=subprocess.STDOUT)

@@ -12,7 +12,9 @@ import os
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 
@@ -34,8 +36,28 @@ def ranks_per_node(launcher) -> int:
     return launcher.nproc_per_node or launcher.gpus_per_node or 1
 
 
-def render(cfg, run_dir: Path) -> str:
-    """The sbatch script for ``cfg`` (pure: no Slurm needed)."""
+@dataclass
+class JobArray:
+    """A sweep as one job array: task k trains the run directory on line k+1 of ``trial_list``."""
+
+    tasks: list[int]
+    trial_list: Path
+    parallelism: int = 0
+
+    def spec(self) -> str:
+        """``--array`` value: task ids compressed into ranges, then ``%N`` where limited."""
+        parts, start = [], None
+        for i, task in enumerate(self.tasks):
+            start = task if start is None else start
+            if i + 1 == len(self.tasks) or self.tasks[i + 1] != task + 1:
+                parts.append(str(task) if start == task else f"{start}-{task}")
+                start = None
+        return ",".join(parts) + (f"%{self.parallelism}" if self.parallelism else "")
+
+
+def render(cfg, run_dir: Path, array: Optional[JobArray] = None) -> str:
+    """The sbatch script for ``cfg`` (pure: no Slurm needed). With ``array``, ``run_dir`` is
+    the sweep directory and each array task picks its trial's run directory at run time."""
     import jinja2
 
     launcher = cfg.launcher
@@ -76,21 +98,29 @@ def render(cfg, run_dir: Path) -> str:
         rdzv_port=launcher.rdzv_port,
         max_restarts=launcher.max_restarts,
         run_dir=str(run_dir),
-        log_path=str(run_dir / "slurm-%j.out"),
+        array=array.spec() if array else None,
+        trial_list=str(array.trial_list) if array else None,
+        # Each task logs into its trial's run directory (%3a pads like trial-007).
+        log_path=str(run_dir / ("trial-%3a/slurm-%A_%a.out" if array else "slurm-%j.out")),
         python=sys.executable,
     )
 
 
-def submit(cfg, run_dir: Path) -> int:
-    """Write ``run_dir/job.sbatch``; submit it unless dry_run. Returns an exit code."""
-    script = render(cfg, run_dir)
+def _write_script(cfg, run_dir: Path, array: Optional[JobArray] = None) -> Optional[Path]:
+    """Write ``run_dir/job.sbatch``; print it and return None on a dry run."""
+    script = render(cfg, run_dir, array)
     path = run_dir / "job.sbatch"
     path.write_text(script)
     path.chmod(0o755)
     if cfg.launcher.dry_run:
         print(script, end="")
         print(f"dry run: script written to {path}; nothing submitted", file=sys.stderr)
-        return 0
+        return None
+    return path
+
+
+def _sbatch(path: Path) -> str:
+    """Submit; returns the job id."""
     try:
         out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
@@ -98,9 +128,38 @@ def submit(cfg, run_dir: Path) -> int:
         raise SlurmError("sbatch not found: is this a Slurm login node?") from None
     if out.returncode != 0:
         raise SlurmError(f"sbatch failed: {out.stderr.strip() or out.stdout.strip()}")
-    job_id = out.stdout.strip().split(";")[0]
+    return out.stdout.strip().split(";")[0]
+
+
+def submit(cfg, run_dir: Path) -> int:
+    """Write ``run_dir/job.sbatch``; submit it unless dry_run. Returns an exit code."""
+    path = _write_script(cfg, run_dir)
+    if path is None:
+        return 0
+    job_id = _sbatch(path)
     (run_dir / "slurm_job_id").write_text(job_id + "\n")
     print(f"submitted Slurm job {job_id}")
     print(f"script: {path}")
     print(f"log: {run_dir / ('slurm-' + job_id + '.out')}")
+    return 0
+
+
+def submit_array(cfg, sweep_dir: Path, tasks: list[int], name: str) -> int:
+    """One job array over the sweep's trials (``cfg`` is one trial's: the launcher is shared)."""
+    from .sweep_store import LIST_FILE, trial_dir
+
+    if not cfg.launcher.job_name:
+        cfg.launcher.job_name = name
+    array = JobArray(tasks, sweep_dir / LIST_FILE, cfg.launcher.array_parallelism)
+    path = _write_script(cfg, sweep_dir, array)
+    if path is None:
+        return 0
+    job_id = _sbatch(path)
+    (sweep_dir / "slurm_job_id").write_text(job_id + "\n")
+    for task in tasks:
+        (trial_dir(sweep_dir, task) / "slurm_job_id").write_text(f"{job_id}_{task}\n")
+    print(f"submitted Slurm job array {job_id} (--array={array.spec()}): {len(tasks)} trials")
+    print(f"script: {path}")
+    print(f"logs: {sweep_dir}/trial-NNN/slurm-{job_id}_N.out")
+    print(f"results: orchestrate sweep-report {sweep_dir}")
     return 0

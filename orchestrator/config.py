@@ -211,6 +211,9 @@ class SlurmLauncherConfig(LauncherConfig):
     rdzv_port: int = 29500
     max_restarts: int = 0
     dist_timeout_s: int = 1800
+    # Sweeps (orchestrate train -m): array tasks (trials) running at once (the %N of
+    # --array); 0: no limit.
+    array_parallelism: int = 4
     # Write and print the sbatch script, submit nothing.
     dry_run: bool = False
     # A template in slurm/ or a path to your own.
@@ -248,6 +251,31 @@ class RunDirConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Read by ``orchestrate train -m`` only; a single run ignores it."""
+
+    # grid: every combination of the comma-separated override values (Hydra's basic sweeper);
+    # optuna: n_trials trials sampled from `params` and the command line's sweep overrides.
+    kind: str = "grid"
+    # Sweep directory (one run directory per trial under it); null: <run.root>/sweeps/<name>-<time>.
+    dir: Optional[str] = None
+    # Sweep name: the W&B group of every trial; null: <model>-<kind>.
+    name: Optional[str] = None
+    # summary.json key that ranks the trials (and that Optuna optimizes).
+    metric: str = "eval_loss_after"
+    direction: str = "minimize"
+    # Optuna, in hydra-optuna-sweeper's format: trials, sampler (instantiated from _target_),
+    # study name and storage (null: in memory; e.g. sqlite:///study.db to keep the study).
+    n_trials: int = 10
+    sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 123})
+    study_name: Optional[str] = None
+    storage: Optional[str] = None
+    # Search space, KEY: interval(a,b) | tag(log,interval(a,b)) | range(a,b[,step]) |
+    # choice(a,b,...) | a,b,...; sweep overrides on the command line add to it.
+    params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     run: RunDirConfig = field(default_factory=RunDirConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,6 +288,7 @@ class RunConfig:
     strategy: Any = field(default_factory=lambda: {"name": "ddp"})
     launcher: Any = field(default_factory=lambda: {"name": "local"})
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 STRATEGY_SCHEMAS: dict[str, type] = {
@@ -277,6 +306,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
+    "sweep.kind": ("grid", "optuna"),
+    "sweep.direction": ("minimize", "maximize"),
 }
 
 
@@ -347,7 +378,7 @@ def validate(cfg: RunConfig) -> None:
 
     for key in ("lora.r", "lora.alpha", "data.max_seq_len", "trainer.global_batch_size",
                 "trainer.micro_batch_size", "trainer.eval_batch_size", "optim.lr",
-                "trainer.eval_max_new_tokens", "logger.every_n_steps"):
+                "trainer.eval_max_new_tokens", "logger.every_n_steps", "sweep.n_trials"):
         positive(key)
     for key in ("trainer.eval_every", "trainer.save_every", "trainer.eval_generate_examples",
                 "optim.warmup_steps", "optim.weight_decay", "trainer.max_grad_norm",

@@ -48,6 +48,21 @@ def rewind(run_dir: Path, step: int) -> None:
     shutil.rmtree(run_dir / "adapter", ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A real Slurm (munge, slurmctld, two slurmd) for one test module; skips where it cannot
+    start (not root). Its ports are fixed: one cluster at a time on a machine."""
+    from slurm_cluster import LocalSlurm, SlurmUnavailable
+
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as exc:
+        pytest.skip(f"no Slurm here: {exc}")
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory) -> Path:
     """One real `orchestrate train` on 2 CPU ranks, shared by the end-to-end tests."""

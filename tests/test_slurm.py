@@ -23,19 +23,6 @@ COMMON = [
 ]
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    from slurm_cluster import LocalSlurm, SlurmUnavailable
-
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except SlurmUnavailable as exc:
-        pytest.skip(f"no Slurm here: {exc}")
-    yield cluster
-    cluster.stop()
-
-
 def _submit(slurm, run_dir: Path, *overrides: str) -> str:
     proc = orchestrate("train", "launcher=slurm", "launcher.nodes=2", "launcher.time=00:15:00",
                        f"run.dir={run_dir}", *COMMON, *overrides, env={"SLURM_CONF": str(slurm.conf)})

@@ -86,3 +86,7 @@ def read_config(path: Path) -> dict:
 
 def run_ids(path: Path) -> set[str]:
     return {r.run.run_id for r in read_records(path) if r.WhichOneof("record_type") == "run"}
+
+
+def run_groups(path: Path) -> set[str]:
+    return {r.run.run_group for r in read_records(path) if r.WhichOneof("record_type") == "run"}
