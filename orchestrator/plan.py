@@ -51,13 +51,14 @@ DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
 #: on Hopper/Ampere: ~0.5 GiB context, ~0.25 GiB communicators).
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 NCCL_BYTES = int(0.25 * GiB)
-#: Peak RSS per rank of `orchestrate train` with a negligible model (hidden 64, 1 layer), by
-#: strategy, measured by ``benchmarks/planner_accuracy.py --calibrate`` on the 2-core build
-#: machine (torch 2.13 CPU, 2 gloo ranks). Override with plan.overhead_gb elsewhere.
+#: Peak RSS per rank of `orchestrate train` with a negligible model (hidden 64, 1 layer, 8
+#: steps with evaluation), by strategy, less that model's own planned bytes (~7 MB): measured
+#: by ``benchmarks/planner_accuracy.py --calibrate`` on the 2-core build machine (torch 2.13
+#: CPU, 2 gloo ranks; 564/567/591 MB). Override with plan.overhead_gb elsewhere.
 CPU_RUNTIME_BYTES = {
-    "ddp": int(640 * MiB),
-    "fsdp": int(640 * MiB),
-    "deepspeed": int(690 * MiB),
+    "ddp": int(557 * MiB),
+    "fsdp": int(560 * MiB),
+    "deepspeed": int(584 * MiB),
 }
 
 
@@ -185,6 +186,9 @@ class Setup:
     cpu_offload: bool = False  # fsdp
     offload_optimizer: bool = False  # deepspeed
     offload_params: bool = False  # deepspeed, zero 3
+    # fsdp with shard_base: rank 0 loads the base into host memory and sends each rank its
+    # shard, so no accelerator ever holds the whole model (None: the strategy lacks the option).
+    low_memory_load: Optional[bool] = None
     overhead_bytes: Optional[int] = None
 
     @property
@@ -209,6 +213,8 @@ class Setup:
 
 def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: ModelShape) -> Setup:
     """Flatten a RunConfig for the planner."""
+    from .config import FSDPConfig  # what a suggestion to switch to FSDP would get
+
     st = cfg.strategy
     overhead = cfg.plan.overhead_gb
     return Setup(
@@ -221,6 +227,7 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
         cpu_offload=getattr(st, "cpu_offload", False),
         offload_optimizer=getattr(st, "offload_optimizer", False),
         offload_params=getattr(st, "offload_params", False),
+        low_memory_load=getattr(st, "low_memory_load", getattr(FSDPConfig(), "low_memory_load", None)),
         overhead_bytes=None if overhead is None else int(overhead * GiB),
     )
 
@@ -233,7 +240,8 @@ def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
     input's dtype (fp32 after prepare_model_for_kbit_training); each LoRA branch saves its
     dropout mask, the compute-dtype input of lora_A and lora_A's output; SDPA saves q, k, v (k
     and v repeated to all heads when a padding mask is given) and its output; the SwiGLU MLP
-    saves the gate input, SiLU output and up output.
+    saves the gate input, SiLU output and up output. Checked against the tensors autograd
+    really saves (tests/test_plan.py).
     """
     b = s.compute_bytes
     act = 4 if (s.quant != "none" or b == 4) else b  # dtype of Linear outputs and MLP tensors
@@ -244,12 +252,38 @@ def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
         if name not in s.targets:
             return 0.0
         d_in = lin[name][0]
-        return (d_in if drop else 0) + b * d_in + b * s.lora_r
+        in_bytes = b if name == "o_proj" else act  # o_proj reads the attention output
+        # Dropout's mask: a bool on CUDA (fused kernel), a tensor of the input's dtype on CPU.
+        mask = (1 if s.device == "cuda" else in_bytes) if drop else 0
+        return mask * d_in + b * d_in + b * s.lora_r
 
     norms = 2 * 4 * shape.hidden
     attn = b * (4 * shape.q_dim) + 4 * shape.heads
     mlp = 3 * act * shape.intermediate
     return norms + attn + mlp + sum(lora(n) for n in LAYER_LINEARS)
+
+
+def _head_copy_bytes(shape: ModelShape, s: Setup) -> float:
+    """Autocast's compute-dtype copy of the fp32 output head, kept for the input gradient."""
+    return shape.vocab * shape.hidden * s.compute_bytes if (s.quant != "none" and s.compute_bytes < 4) else 0.0
+
+
+def _saved_loss_bytes(shape: ModelShape, s: Setup) -> float:
+    """The fp32 log-softmax cross-entropy keeps, and the head copy."""
+    return s.micro_batch * s.seq_len * shape.vocab * 4 + _head_copy_bytes(shape, s)
+
+
+def saved_activation_bytes(shape: ModelShape, s: Setup) -> float:
+    """What autograd holds at the end of one micro-batch's forward (before backward starts)."""
+    tokens = s.micro_batch * s.seq_len
+    resid = 4 if (s.quant != "none" or s.compute_bytes == 4) else s.compute_bytes
+    if s.checkpointing:  # only each layer's input survives the forward
+        layers = shape.layers * resid * shape.hidden
+    else:
+        layers = shape.layers * layer_activation_bytes(shape, s)
+    final_norm = 4 * shape.hidden
+    mask = s.micro_batch * s.seq_len * s.seq_len  # the boolean 4-D attention mask
+    return tokens * (layers + final_norm) + mask + _saved_loss_bytes(shape, s)
 
 
 @dataclass
@@ -345,15 +379,12 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float) -> Plan:
     persistent["gathered base layers (2 in flight)"] = 2 * layer_base * (1 - 1 / world) if world > 1 else 0.0
 
     tokens = s.micro_batch * s.seq_len
-    per_layer = layer_activation_bytes(shape, s)
     resid = 4 if (quantized or b == 4) else b
-    if s.checkpointing:
-        acts = tokens * (shape.layers * resid * shape.hidden + 2 * per_layer)
-    else:
-        acts = tokens * (shape.layers * per_layer + 4 * shape.hidden)
-    acts += s.micro_batch * s.seq_len * s.seq_len  # the boolean 4-D attention mask
-    head_copy = shape.vocab * shape.hidden * b if (quantized and b < 4) else 0.0
-    logits = tokens * shape.vocab * (b + 12) + head_copy
+    # Backward working set: one layer's activation gradients, plus the layer being recomputed
+    # under checkpointing.
+    working = tokens * layer_activation_bytes(shape, s) * (2 if s.checkpointing else 1)
+    acts = saved_activation_bytes(shape, s) - _saved_loss_bytes(shape, s) + working
+    logits = tokens * shape.vocab * (b + 12) + _head_copy_bytes(shape, s)
     overhead = _overhead(s)
 
     train = Phase("train", dict(persistent))
@@ -370,9 +401,14 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float) -> Plan:
     ev.items[OVERHEAD] = overhead
 
     load = Phase("load")
-    load.items[label] = base_full  # every rank loads the whole model before any sharding
     largest = max(shape.vocab * shape.hidden, max(a * c for a, c in shape.linears().values()))
-    load.items["non-quantized params (embeddings, norms, head)"] = other_full + largest * b
+    if s.strategy == "fsdp" and s.shard_base and s.low_memory_load and s.device == "cuda":
+        # Rank 0 loads into host memory; each accelerator only ever receives its shards.
+        load.items[label] = base_full / world
+        load.items["non-quantized params (embeddings, norms, head)"] = other_full / world
+    else:  # every rank (or, loading low-memory on CPU, rank 0) holds the whole model at first
+        load.items[label] = base_full
+        load.items["non-quantized params (embeddings, norms, head)"] = other_full + largest * b
     load.items[OVERHEAD] = overhead
     return Plan(shape, s, [load, train, ev], limit_bytes, n_lora)
 
@@ -397,16 +433,27 @@ def _checkpointing(s: Setup):
     return ("model.gradient_checkpointing=true",), replace(s, checkpointing=True)
 
 
-def _shard_fsdp(s: Setup):
-    if s.base_sharded:
-        return None
-    return ("strategy=fsdp", "strategy.shard_base=true"), replace(s, strategy="fsdp", shard_base=True)
-
-
 def _shard_zero3(s: Setup):
     if s.base_sharded:
         return None
     return ("strategy=deepspeed", "strategy.zero_stage=3"), replace(s, strategy="deepspeed", zero_stage=3)
+
+
+def phase_total(plan: Plan, name: str) -> float:
+    return next(p.total for p in plan.phases if p.name == name)
+
+
+def _low_memory(s: Setup):
+    if s.strategy == "fsdp" and s.shard_base and s.low_memory_load is False:
+        return ("strategy.low_memory_load=true",), replace(s, low_memory_load=True)
+    return None
+
+
+def _shard_fsdp(s: Setup):
+    if s.base_sharded:
+        return None
+    new = replace(s, strategy="fsdp", shard_base=True)
+    return ("strategy=fsdp", "strategy.shard_base=true"), new
 
 
 def _offload(s: Setup):
@@ -451,7 +498,7 @@ def suggest(shape: ModelShape, s: Setup, limit_bytes: float, max_items: int = 8)
     Order: what costs no speed or hardware (checkpointing, smaller micro/eval batch) before
     what costs communication (sharding the base, offload) or hardware (more ranks).
     """
-    simple: list[Change] = [_checkpointing, _shard_fsdp, _shard_zero3, _offload]
+    simple: list[Change] = [_checkpointing, _low_memory, _shard_fsdp, _shard_zero3, _offload]
     sized = [_smaller("trainer.micro_batch_size", "micro_batch"),
              _smaller("trainer.eval_batch_size", "eval_batch"), _more_ranks]
 
@@ -538,17 +585,12 @@ def format_plan(plan: Plan, suggestions: Optional[list[Suggestion]] = None) -> s
                              f"({sug.plan.peak_phase.name})")
         else:
             lines.append("no change found that fits: use GPUs with more memory or a smaller model")
-        blocked = [sh for sh in (_shard_fsdp(s), _shard_zero3(s)) if sh] if not s.base_sharded else [((), s)]
-        for overrides, sharded in blocked:
-            p = plan_memory(shape, replace(sharded, world=max(2, sharded.world)), limit)
-            train = next(ph for ph in p.phases if ph.name == "train")
-            if train.total <= limit < p.peak_bytes and p.peak_phase.name == "load":
-                lines.append(
-                    f"note: with the base sharded{' (' + ' '.join(overrides) + ')' if overrides else ''} "
-                    f"training needs {train.total / GiB:.2f} GiB per rank, but every rank first loads "
-                    f"the whole 4-bit model ({p.peak_bytes / GiB:.2f} GiB): rank-sharded loading is "
-                    "not implemented yet (orchestrator/model.py)")
-                break
+        if peak.name == "load" and s.base_sharded and phase_total(plan, "train") <= limit:
+            lines.append(
+                f"note: training needs {phase_total(plan, 'train') / GiB:.2f} GiB per rank, but every rank "
+                f"first loads the whole 4-bit model ({peak.total / GiB:.2f} GiB) before sharding it"
+                + ("; strategy.low_memory_load=true loads it once, on the host"
+                   if s.low_memory_load is False else ""))
     return "\n".join(lines)
 
 
