@@ -20,15 +20,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strategies import STRATEGIES  # noqa: E402
 from synthetic import ROOT, TINY, build_llama  # noqa: E402
 
-STRATEGIES = {
-    "ddp": ["strategy=ddp"],
-    "fsdp": ["strategy=fsdp"],
-    "fsdp shard_base": ["strategy=fsdp", "strategy.shard_base=true"],
-    "zero2": ["strategy=deepspeed", "strategy.zero_stage=2"],
-    "zero3": ["strategy=deepspeed", "strategy.zero_stage=3"],
-}
 COMMON = ["trainer.eval_generate_examples=16", "trainer.eval_max_new_tokens=4", "logger=basic",
           "logger.console=false", "trainer.save_every=0"]
 
