@@ -83,10 +83,10 @@ def test_suggestions_fit_and_name_the_change():
     assert sugg and all(s.plan.fits for s in sugg)
     assert "model.gradient_checkpointing=true" in [s.text for s in sugg]
 
-    # Llama-3-8B, 8 x 2048 tokens per micro-batch, one 24 GB GPU: too big; a smaller
+    # Llama-3-8B, 4 x 1024 tokens per micro-batch, one 24 GB GPU: too big; a smaller
     # micro-batch (or checkpointing) fits, and more DDP ranks would not help.
-    plan = make_plan(["model=llama3_8b", "plan.gpu_memory_gb=24", "data.max_seq_len=2048",
-                      "trainer.micro_batch_size=8", "trainer.eval_batch_size=1",
+    plan = make_plan(["model=llama3_8b", "plan.gpu_memory_gb=24", "data.max_seq_len=1024",
+                      "trainer.micro_batch_size=4", "trainer.eval_batch_size=1",
                       "model.gradient_checkpointing=false"], 1)
     assert not plan.fits
     texts = [s.text for s in P.suggest(plan.shape, plan.setup, plan.limit_bytes)]
