@@ -585,10 +585,13 @@ def format_plan(plan: Plan, suggestions: Optional[list[Suggestion]] = None) -> s
                              f"({sug.plan.peak_phase.name})")
         else:
             lines.append("no change found that fits: use GPUs with more memory or a smaller model")
-        if peak.name == "load" and s.base_sharded and phase_total(plan, "train") <= limit:
+        sharded = plan if s.base_sharded else plan_memory(shape, _shard_fsdp(s)[1], limit)
+        load_total = phase_total(sharded, "load")
+        if phase_total(sharded, "train") <= limit < load_total:
             lines.append(
-                f"note: training needs {phase_total(plan, 'train') / GiB:.2f} GiB per rank, but every rank "
-                f"first loads the whole 4-bit model ({peak.total / GiB:.2f} GiB) before sharding it"
+                f"note: with the base sharded, training needs {phase_total(sharded, 'train') / GiB:.2f} "
+                f"GiB per rank, but every rank first loads the whole 4-bit model "
+                f"({load_total / GiB:.2f} GiB) before sharding it"
                 + ("; strategy.low_memory_load=true loads it once, on the host"
                    if s.low_memory_load is False else ""))
     return "\n".join(lines)
