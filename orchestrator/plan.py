@@ -222,7 +222,8 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
         quant=cfg.quant.method, double_quant=cfg.quant.double_quant, lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout, targets=tuple(lora_targets(shape, cfg.lora.target_modules)),
         micro_batch=cfg.trainer.micro_batch_size, seq_len=cfg.data.max_seq_len,
-        eval_batch=cfg.trainer.eval_batch_size, checkpointing=cfg.model.gradient_checkpointing,
+        eval_batch=cfg.trainer.eval_batch_size if cfg.data.eval_path else 0,  # no eval set: no eval
+        checkpointing=cfg.model.gradient_checkpointing,
         shard_base=getattr(st, "shard_base", False), zero_stage=getattr(st, "zero_stage", 2),
         cpu_offload=getattr(st, "cpu_offload", False),
         offload_optimizer=getattr(st, "offload_optimizer", False),
