@@ -538,8 +538,6 @@ def suggest(shape: ModelShape, s: Setup, limit_bytes: float, max_items: int = 8)
 
 
 # -- report ------------------------------------------------------------------------------
-def _gib(x: float) -> str:
-    return f"{x / GiB:8.2f}"
 
 
 def format_plan(plan: Plan, suggestions: Optional[list[Suggestion]] = None) -> str:
@@ -556,8 +554,14 @@ def format_plan(plan: Plan, suggestions: Optional[list[Suggestion]] = None) -> s
         f"checkpointing {'on' if s.checkpointing else 'off'}; LoRA r={s.lora_r} on "
         f"{len(s.targets)} module(s)/layer = {plan.lora_params / 1e6:.1f}M params",
         "",
-        f"{'memory per rank (GiB), every rank alike':50s}" + "".join(f"{p.name:>9s}" for p in plan.phases),
     ]
+    unit, div = ("MiB", MiB) if plan.peak_bytes < 2 * GiB else ("GiB", GiB)
+    lines.append(f"{f'memory per rank ({unit}), every rank alike':50s}"
+                 + "".join(f"{p.name:>9s}" for p in plan.phases))
+
+    def cell(x: float) -> str:
+        return f"{x / div:9.2f}"
+
     names: list[str] = []
     for p in sorted(plan.phases, key=lambda p: p.name != "train"):
         names += [n for n in p.items if n not in names and n != OVERHEAD]
@@ -566,8 +570,8 @@ def format_plan(plan: Plan, suggestions: Optional[list[Suggestion]] = None) -> s
         vals = [p.items.get(n) for p in plan.phases]
         if all(not v for v in vals):
             continue
-        lines.append(f"  {n:48s}" + "".join(_gib(v) if v is not None else f"{'-':>8s}" for v in vals))
-    lines.append(f"  {'total':48s}" + "".join(_gib(p.total) for p in plan.phases))
+        lines.append(f"  {n:48s}" + "".join(cell(v) if v is not None else f"{'-':>9s}" for v in vals))
+    lines.append(f"  {'total':48s}" + "".join(cell(p.total) for p in plan.phases))
     lines.append("")
     peak = plan.peak_phase
     limit = plan.limit_bytes
