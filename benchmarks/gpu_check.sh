@@ -46,7 +46,7 @@ has_ds=1; "$PY" -c "import deepspeed" >/dev/null 2>&1 || has_ds=0
 CACHE=$(mktemp -d)
 MODEL=$CACHE/1b
 say "building the ~1B model at $MODEL"
-timeout 90 "$PY" benchmarks/synthetic.py 1b "$MODEL" >>"$LOG" 2>&1 || { say "model build failed"; exit 1; }
+timeout 150 "$PY" benchmarks/synthetic.py 1b "$MODEL" >>"$LOG" 2>&1 || { say "model build failed"; exit 1; }
 
 {
     echo "# GPU check"

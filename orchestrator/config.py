@@ -146,6 +146,9 @@ class FSDPConfig(StrategyConfig):
     name: str = "fsdp"
     # Shard the 4-bit base too (stored in the compute dtype), for bases larger than one device.
     shard_base: bool = False
+    # With shard_base: rank 0 alone loads and quantizes the base and sends each rank its shard
+    # (host RAM ~ one model, not world x model). false: every rank loads the whole base first.
+    low_memory_load: bool = True
     reshard_after_forward: bool = True
     # Keep sharded parameters, gradients and optimizer state in host memory.
     cpu_offload: bool = False

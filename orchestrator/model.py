@@ -85,15 +85,20 @@ def load_base(
     )
     if qconfig is not None:
         disable_cpu_repacking(model)
-    model.config.use_cache = False
-    for p in model.parameters():
-        p.requires_grad_(False)
     if prepare_for_training:
-        _prepare(model, quantized=qconfig is not None, checkpointing=model_cfg.gradient_checkpointing)
+        prepare_loaded(model, model_cfg, quantized=qconfig is not None)
+    else:
+        model.config.use_cache = False
+        model.requires_grad_(False)
     return model
 
 
-def _prepare(model: nn.Module, quantized: bool, checkpointing: bool) -> None:
+def prepare_loaded(model: nn.Module, model_cfg: ModelConfig, quantized: bool) -> None:
+    """Freeze the base and prepare it for adapter training (fp32 norms and embeddings, input
+    gradients, activation checkpointing): the same steps wherever the model came from."""
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    checkpointing = model_cfg.gradient_checkpointing
     gc_kwargs = {"use_reentrant": False}
     if quantized:
         from peft import prepare_model_for_kbit_training

@@ -32,7 +32,7 @@ from .evaluate import eval_loss, exact_match, token_loss_sum
 from .metrics import build_logger
 from .preempt import StopRequest
 from .runinfo import git_commit, hardware, library_versions, peak_flops
-from .model import attach_lora, count_parameters, load_base, load_tokenizer
+from .model import count_parameters, load_tokenizer
 from .plan import MiB, PlanError, plan_for_run
 from .strategies import BatchPlan, build_strategy
 
@@ -134,9 +134,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     seed_everything(t.seed)  # same on every rank: identical LoRA init without a broadcast
     strategy = build_strategy(cfg.strategy, dist, compute_dtype)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_base(cfg.model, cfg.quant, compute_dtype, dist.device,
-                      storage_dtype=strategy.quant_storage_dtype(compute_dtype))
-    model = attach_lora(model, cfg.lora)
+    model = strategy.load_model(cfg.model, cfg.quant, cfg.lora)
     trainable, total = count_parameters(model)
 
     train_examples = load_examples(cfg.data.path, tokenizer, cfg.data)
@@ -147,6 +145,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
                           dist.world_size, dist.rank, t.seed)
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch
     strategy.setup(model, cfg.optim, total_steps, BatchPlan(t.micro_batch_size, accum, t.max_grad_norm))
+    # Start-up peak per rank (model loaded, quantized and sharded): what low-memory loading saves.
+    load_peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
 
     state: dict[str, Any] = {}
     start_step = 0
@@ -300,6 +300,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "train_time_s": train_time,
         "peak_memory_mb": peaks,
         "planned_peak_memory_mb": [planned_mb] * dist.world_size,
+        "load_peak_memory_mb": load_peaks,
         "skipped_steps": skipped,
         "holdings_bytes": holdings,
     }

@@ -17,8 +17,9 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-from ..config import OptimConfig
+from ..config import LoraConfig, ModelConfig, OptimConfig, QuantConfig
 from ..distributed import DistInfo
+from ..model import attach_lora, load_base
 from ..optim import build_optimizer, build_scheduler
 
 
@@ -48,6 +49,12 @@ class Strategy(ABC):
     def quant_storage_dtype(self, compute_dtype: torch.dtype) -> torch.dtype:
         """Dtype the packed 4-bit weights should be stored in for this strategy."""
         return torch.uint8
+
+    def load_model(self, model_cfg: ModelConfig, quant: QuantConfig, lora: LoraConfig) -> nn.Module:
+        """The PEFT model this rank trains: by default every rank loads the whole base."""
+        base = load_base(model_cfg, quant, self.compute_dtype, self.dist.device,
+                         storage_dtype=self.quant_storage_dtype(self.compute_dtype))
+        return attach_lora(base, lora)
 
     @abstractmethod
     def wrap(self, model: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
+from ..config import LoraConfig, ModelConfig, QuantConfig
 from .base import Strategy
 
 
@@ -42,6 +43,21 @@ class FSDPStrategy(Strategy):
         # FSDP shards and all-gathers float tensors; the packed 4-bit bytes ride in the compute
         # dtype (bf16 on GPUs), which also keeps mixed-precision casts no-ops on them.
         return compute_dtype if self.cfg.shard_base else torch.uint8
+
+    def load_model(self, model_cfg: ModelConfig, quant: QuantConfig, lora: LoraConfig) -> nn.Module:
+        """With a sharded base and low-memory loading, rank 0 alone loads; the others get an
+        empty (meta) model that ``wrap`` shards and then fills from rank 0."""
+        self._source = None
+        self._meta = self.cfg.shard_base and self.cfg.low_memory_load and self.dist.world_size > 1
+        if not self._meta:
+            return super().load_model(model_cfg, quant, lora)
+        from ..lowmem import load_for_sharding
+
+        model, self._source = load_for_sharding(
+            model_cfg, quant, lora, self.compute_dtype,
+            self.quant_storage_dtype(self.compute_dtype), self.dist,
+        )
+        return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -66,6 +82,12 @@ class FSDPStrategy(Strategy):
         for layer in decoder_layers(hf_model):
             fully_shard(layer, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
         fully_shard(hf_model, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
+        if self._meta:
+            from ..lowmem import fill_from_rank0
+
+            param_device = torch.device("cpu") if self.cfg.cpu_offload else self.dist.device
+            fill_from_rank0(model, self._source, self.dist, param_device)
+            self._source = None  # rank 0's full copy is no longer needed
         self._root = hf_model
         return model
 
