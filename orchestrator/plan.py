@@ -205,6 +205,7 @@ class Setup:
         s = self.strategy
         if s == "fsdp":
             s += f" shard_base={str(self.shard_base).lower()}" + (" cpu_offload" if self.cpu_offload else "")
+            s += " low_memory_load" if self.shard_base and self.low_memory_load else ""
         elif s == "deepspeed":
             s += f" zero_stage={self.zero_stage}" + (" offload_optimizer" if self.offload_optimizer else "")
             s += " offload_params" if self.offload_params else ""
