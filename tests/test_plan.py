@@ -65,6 +65,7 @@ def test_70b_fits_two_24gb_gpus_only_with_the_base_sharded():
     assert phase(whole, "load").total > 24 * GIB and not whole.fits
     low = P.plan_memory(sharded.shape, replace(sharded.setup, low_memory_load=True), 24 * GIB)
     assert low.fits
+    assert sharded.setup.low_memory_load and sharded.fits  # the FSDP default loads low-memory
 
 
 def test_65b_fits_one_48gb_gpu():
