@@ -16,9 +16,10 @@ What each term models, and why:
   partition of the parameters and a gradient bucket of ``reduce_bucket_size`` (5e8) elements,
   allocated whole on GPU.
 - Sharded bases (FSDP2 shard_base, ZeRO-3) hold 1/world of the base plus the gathered layers in
-  flight (the current and the prefetched one). They still *load* the whole 4-bit model on each
-  rank before sharding it (transformers skips zero.Init for quantized models and model.py loads
-  per rank), which is its own phase below.
+  flight (the current and the prefetched one). Loading is its own phase: ZeRO-3, and FSDP2 with
+  ``strategy.low_memory_load=false``, load the whole 4-bit model on every rank before sharding
+  it (transformers skips zero.Init for quantized models); FSDP2's low-memory loading has rank 0
+  load it into host memory and sends each device only its shards.
 - Activations are the tensors autograd saves per token of one decoder layer (see
   :func:`layer_activation_bytes`), times the layers, or only the layer inputs plus one layer
   recomputed under activation checkpointing; the loss adds bf16 logits, their fp32 copy and
