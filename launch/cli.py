@@ -24,6 +24,9 @@ commands:
                                       with sweep=optuna; trials run one after another here or as
                                       one Slurm job array with launcher=slurm
   sweep-report SWEEP_DIR              trials ranked by eval loss: table, report.csv, report.png
+  plan [KEY=VALUE ...]                print the memory per rank the run would need (no weights loaded;
+                                      shapes from the model's config.json), whether it fits
+                                      plan.gpu_memory_gb, and what to change when it does not
   merge run_dir=PATH [out=PATH] [dtype=bf16|fp16|fp32]
                                       merge a run's adapter into the dequantized base and save a
                                       standard transformers model directory (default RUN/merged)
@@ -34,6 +37,8 @@ examples:
   orchestrate train --cfg job quant=none               # print the composed config, run nothing
   orchestrate train -m optim.lr=1e-4,3e-4 lora.r=8,16  # 2x2 grid sweep
   orchestrate train -m sweep=optuna sweep.n_trials=20  # Optuna search (conf/sweep/optuna.yaml)
+  orchestrate plan model=llama3_70b strategy=fsdp strategy.shard_base=true \
+      launcher.nproc_per_node=2 plan.gpu_memory_gb=24 # will it fit two 24 GB GPUs?
 """
 
 # Sections whose change makes an existing run directory a different run.
@@ -116,6 +121,12 @@ def preflight(cfg) -> None:
         raise UsageError(f"model.path={cfg.model.path!r}: no such directory (offline: hub ids cannot be fetched)")
     if model_dir.exists() and not (model_dir / "config.json").exists():
         raise UsageError(f"model.path={cfg.model.path!r}: no config.json there; is it a transformers model directory?")
+    if model_dir.exists() and not _has_weights(model_dir):
+        raise UsageError(
+            f"model.path={cfg.model.path!r} holds a config.json but no weights (*.safetensors or "
+            "*.bin): `orchestrate plan` works with it, training needs the model itself; set "
+            "model.path=/path/to/the/downloaded/model"
+        )
     for key in ("path", "eval_path"):
         path = getattr(cfg.data, key)
         if path is None:
@@ -133,6 +144,11 @@ def preflight(cfg) -> None:
             f"strategy={cfg.strategy.name} needs {missing}, which is not installed "
             f"(pip install -e '.[{missing}]')"
         )
+
+
+def _has_weights(model_dir: Path) -> bool:
+    return any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin")) or any(
+        model_dir.glob("*.safetensors.index.json"))
 
 
 def world_size(cfg) -> int:
@@ -270,6 +286,23 @@ def cmd_train(args: list[str]) -> int:
     return rc
 
 
+def cmd_plan(args: list[str]) -> int:
+    """Exit 0 when the run fits plan.gpu_memory_gb, 1 when it does not."""
+    bad = [a for a in args if a.startswith("-")]
+    if bad:
+        raise UsageError(f"unknown option {bad[0]!r}; overrides are KEY=VALUE (see orchestrate --help)")
+    from orchestrator.plan import PlanError, report
+
+    cfg = build_config(args)
+    _check_world(cfg)
+    try:
+        text, fits = report(cfg, world_size(cfg))
+    except PlanError as exc:
+        raise UsageError(str(exc)) from exc
+    print(text)
+    return 0 if fits else 1
+
+
 def cmd_merge(args: list[str]) -> int:
     opts = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = [a for a in args if "=" not in a] + [k for k in opts if k not in ("run_dir", "out", "dtype")]
@@ -307,7 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(USAGE, end="")
         return 0
     command, rest = args[0], args[1:]
-    commands = {"train": cmd_train, "merge": cmd_merge, "sweep-report": cmd_sweep_report}
+    commands = {"train": cmd_train, "plan": cmd_plan, "merge": cmd_merge,
+                "sweep-report": cmd_sweep_report}
     try:
         if command not in commands:
             raise UsageError(f"unknown command {command!r}; choose one of: {', '.join(commands)}")

@@ -276,6 +276,18 @@ class SweepConfig:
 
 
 @dataclass
+class PlanConfig:
+    # Memory of one GPU in GiB, as nvidia-smi reports it / 1024 (24 for an RTX 4090, 80 for an
+    # H100 80GB); `orchestrate plan` checks the per-rank peak against it.
+    gpu_memory_gb: float = 80.0
+    # Plan for GPUs (cuda) or for a CPU run (cpu: process RSS, what CPU runs measure).
+    device: str = "cuda"
+    # Framework overhead per rank in GiB; null: the CUDA context and NCCL buffers on cuda, the
+    # runtime's measured resident size on cpu (orchestrator/plan.py).
+    overhead_gb: Optional[float] = None
+
+
+@dataclass
 class RunConfig:
     run: RunDirConfig = field(default_factory=RunDirConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -289,6 +301,7 @@ class RunConfig:
     launcher: Any = field(default_factory=lambda: {"name": "local"})
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 STRATEGY_SCHEMAS: dict[str, type] = {
@@ -308,6 +321,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "sweep.kind": ("grid", "optuna"),
     "sweep.direction": ("minimize", "maximize"),
+    "plan.device": ("cuda", "cpu"),
 }
 
 
@@ -378,12 +392,15 @@ def validate(cfg: RunConfig) -> None:
 
     for key in ("lora.r", "lora.alpha", "data.max_seq_len", "trainer.global_batch_size",
                 "trainer.micro_batch_size", "trainer.eval_batch_size", "optim.lr",
-                "trainer.eval_max_new_tokens", "logger.every_n_steps", "sweep.n_trials"):
+                "trainer.eval_max_new_tokens", "logger.every_n_steps", "sweep.n_trials",
+                "plan.gpu_memory_gb"):
         positive(key)
     for key in ("trainer.eval_every", "trainer.save_every", "trainer.eval_generate_examples",
                 "optim.warmup_steps", "optim.weight_decay", "trainer.max_grad_norm",
                 "trainer.keep_last_n"):
         positive(key, allow_zero=True)
+    if cfg.plan.overhead_gb is not None:
+        positive("plan.overhead_gb", allow_zero=True)
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout={cfg.lora.dropout!r} is not allowed; it must be in [0, 1)")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

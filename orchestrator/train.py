@@ -33,6 +33,7 @@ from .metrics import build_logger
 from .preempt import StopRequest
 from .runinfo import git_commit, hardware, library_versions, peak_flops
 from .model import base_linear_storage, count_parameters, load_tokenizer
+from .plan import MiB, PlanError, plan_for_run
 from .strategies import BatchPlan, build_strategy
 
 log = logging.getLogger("orchestrator")
@@ -92,6 +93,27 @@ def _report_holdings(strategy) -> list[dict]:
     return holdings
 
 
+def _planned_peak_mb(cfg: RunConfig, dist: DistInfo, compute_dtype: torch.dtype) -> float | None:
+    """What the planner expects this rank's measured peak to be (None for shapes it cannot
+    read): on CPU the process RSS, on CUDA the allocator peak (context excluded)."""
+    try:
+        plan = plan_for_run(cfg, dist.world_size, dist.device.type, compute_dtype.itemsize)
+    except PlanError as exc:
+        if dist.is_main:
+            log.warning("memory plan unavailable: %s", exc)
+        return None
+    return round(plan.measurable_bytes() / MiB, 1)
+
+
+def _log_memory(planned: float | None, peaks: list[float]) -> None:
+    for r, measured in enumerate(peaks):
+        if planned is None:
+            log.info("rank %d peak memory: measured %.0f MB", r, measured)
+        else:
+            log.info("rank %d peak memory: planned %.0f MB, measured %.0f MB (%+.1f%%)", r, planned,
+                     measured, 100.0 * (planned - measured) / measured)
+
+
 def run(cfg: RunConfig, run_dir: Path) -> RunResult:
     """Train per ``cfg`` on this rank, writing outputs into ``run_dir``."""
     dist = init_distributed(getattr(cfg.launcher, "dist_timeout_s", 600))
@@ -119,6 +141,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     train_examples = load_examples(cfg.data.path, tokenizer, cfg.data)
     eval_examples = load_examples(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else []
     accum = accumulation_steps(cfg, dist.world_size)
+    planned_mb = _planned_peak_mb(cfg, dist, compute_dtype)
     sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
                           dist.world_size, dist.rank, t.seed)
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch
@@ -257,6 +280,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
     strategy.save_adapter(run_dir / "adapter")
     peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
+    if dist.is_main:
+        _log_memory(planned_mb, peaks)
     before = state.get("eval_before", {})
     summary = {
         "steps": step,
@@ -275,6 +300,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "tokens_per_s": tokens_seen / train_time if train_time else None,
         "train_time_s": train_time,
         "peak_memory_mb": peaks,
+        "planned_peak_memory_mb": [planned_mb] * dist.world_size,
         "load_peak_memory_mb": load_peaks,
         "skipped_steps": skipped,
         "holdings_bytes": holdings,
