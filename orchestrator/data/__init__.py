@@ -11,7 +11,6 @@ its micro-batches.
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -29,8 +28,6 @@ __all__ = [
     "collate", "collate_packed", "eval_shard", "format_alpaca", "load_examples", "load_splits",
     "model_inputs", "pack_rows", "prepare", "read_rows",
 ]
-
-log = logging.getLogger("orchestrator")
 
 
 def _quiet_datasets() -> None:
@@ -86,7 +83,7 @@ def _tokenized(rows: Rows, tokenizer, cfg: DataConfig) -> tuple[list[Example], d
 
 def load_examples(path: str, tokenizer, cfg: DataConfig) -> list[Example]:
     """Read and tokenize one file without the cache (tests, small tools)."""
-    examples, _ = _tokenized(read_rows(path, cfg.on_bad_row, cfg.cache_dir), tokenizer, cfg)
+    examples, _ = _tokenized(read_rows(path, cfg.on_bad_row, str(cache_root(cfg))), tokenizer, cfg)
     return examples
 
 
@@ -103,7 +100,7 @@ def _split_off(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
 
 def _read(key: str, cfg: DataConfig) -> Rows:
     try:
-        return read_rows(getattr(cfg, key), cfg.on_bad_row, cfg.cache_dir)
+        return read_rows(getattr(cfg, key), cfg.on_bad_row, str(cache_root(cfg)))
     except DataError as exc:
         raise DataError(f"data.{key}: {exc}") from None
 
@@ -173,7 +170,6 @@ def describe(splits: Splits) -> list[str]:
 def load_splits(cfg: DataConfig, tokenizer, is_main: bool, barrier) -> Splits:
     """Rank 0 tokenizes (or finds the launcher's cache entry); the others wait, then read it.
     A rank that cannot see the entry (a cache directory not shared between nodes) builds its own."""
-    if is_main:
-        prepare(cfg, tokenizer)
+    splits = prepare(cfg, tokenizer) if is_main else None
     barrier()
-    return prepare(cfg, tokenizer)
+    return splits or prepare(cfg, tokenizer)
