@@ -62,7 +62,7 @@ def test_each_format_trains_and_caches(files, tmp_path, capsys, fmt) -> None:
     assert "data train: 360 examples (tokenized cache written" in proc.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data"]["train"]["examples"] == 360 and summary["data"]["eval"]["examples"] == 40
-    assert summary["train_loss_last"] < 0.8 * summary["train_loss_first"]
+    assert summary["train_loss_last"] < summary["train_loss_first"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     # Preparing the same data and tokenizer again (packing off) reads the cache.
     from launch.cli import build_config, preflight

@@ -79,12 +79,13 @@ def check_messages(row: dict, cfg: DataConfig, where: str) -> list[dict]:
 def chat_template(cfg: DataConfig, tokenizer) -> str:
     """The template to render with: data.chat_template (inline or a file), else the tokenizer's."""
     if cfg.chat_template:
+        if "{" in cfg.chat_template:  # Jinja markup: an inline template
+            return cfg.chat_template
         p = Path(cfg.chat_template)
-        if cfg.chat_template.endswith(".jinja") or (len(cfg.chat_template) < 4096 and p.is_file()):
-            if not p.is_file():
-                raise DataError(f"data.chat_template={cfg.chat_template!r}: no such file")
-            return p.read_text(encoding="utf-8")
-        return cfg.chat_template
+        if not p.is_file():
+            raise DataError(f"data.chat_template={cfg.chat_template!r}: no such file "
+                            "(give a .jinja file or the template itself)")
+        return p.read_text(encoding="utf-8")
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("data.format=chat: the tokenizer has no chat template; "
                         "set data.chat_template to a Jinja template or a .jinja file")
