@@ -92,3 +92,20 @@ def test_packed_run_resumes_on_the_same_examples(files, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming at step 3" in proc.stderr and "tokenized cache hit" in proc.stdout
     assert _losses(resumed) == _losses(full)[3:]
+
+
+def test_packed_training_takes_the_padded_steps(tmp_path) -> None:
+    """Same examples per step, same token-mean loss: packing (here under FSDP2) changes only the
+    layout, so its losses equal a padded DDP run's within float tolerance."""
+    args = ["launcher.nproc_per_node=2", "trainer.max_steps=4", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.max_seq_len=128", *[a for a in COMMON if not a.startswith(("launcher", "data."))]]
+    padded = orchestrate("train", f"run.dir={tmp_path / 'padded'}", *args)
+    assert padded.returncode == 0, padded.stderr[-3000:]
+    packed = orchestrate("train", f"run.dir={tmp_path / 'packed'}", *args, "data.packing=true", "strategy=fsdp")
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    a, b = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
+    assert len(a) == len(b) == 4 and a[-1] < a[0]
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
+    share = [m["non_pad_share"] for m in read_metrics(tmp_path / "packed") if "loss" in m]
+    assert min(share) > max(m["non_pad_share"] for m in read_metrics(tmp_path / "padded") if "loss" in m)
