@@ -98,7 +98,7 @@ def test_packed_training_takes_the_padded_steps(tmp_path) -> None:
     """Same examples per step, same token-mean loss: packing (here under FSDP2) changes only the
     layout, so its losses equal a padded DDP run's within float tolerance."""
     args = ["launcher.nproc_per_node=2", "trainer.max_steps=4", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.max_seq_len=128", *[a for a in COMMON if not a.startswith(("launcher", "data."))]]
+            "data.max_seq_len=256", *[a for a in COMMON if not a.startswith(("launcher", "data."))]]
     padded = orchestrate("train", f"run.dir={tmp_path / 'padded'}", *args)
     assert padded.returncode == 0, padded.stderr[-3000:]
     packed = orchestrate("train", f"run.dir={tmp_path / 'packed'}", *args, "data.packing=true", "strategy=fsdp")
