@@ -105,7 +105,10 @@ def test_packed_training_takes_the_padded_steps(tmp_path) -> None:
     assert packed.returncode == 0, packed.stderr[-3000:]
     a, b = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
     assert len(a) == len(b) == 4 and a[-1] < a[0]
+    # Step 1 runs the same weights on the same examples: equal up to summation order. Later
+    # steps differ by that rounding, amplified by Adam's normalisation (~1e-5 after 4 steps).
+    assert abs(a[0] - b[0]) <= 1e-6 * a[0], (a, b)
     for x, y in zip(a, b):
-        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
+        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (a, b)
     share = [m["non_pad_share"] for m in read_metrics(tmp_path / "packed") if "loss" in m]
     assert min(share) > max(m["non_pad_share"] for m in read_metrics(tmp_path / "padded") if "loss" in m)
