@@ -114,8 +114,6 @@ def build_config(overrides: Sequence[str]):
 
 def preflight(cfg) -> None:
     """Refuse, before any rank starts, what would only fail inside the ranks."""
-    from orchestrator.data import DataError, check_rows
-
     model_dir = Path(cfg.model.path)
     if not model_dir.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UsageError(f"model.path={cfg.model.path!r}: no such directory (offline: hub ids cannot be fetched)")
@@ -127,14 +125,6 @@ def preflight(cfg) -> None:
             "*.bin): `orchestrate plan` works with it, training needs the model itself; set "
             "model.path=/path/to/the/downloaded/model"
         )
-    for key in ("path", "eval_path"):
-        path = getattr(cfg.data, key)
-        if path is None:
-            continue
-        try:
-            check_rows(path, cfg.data)
-        except DataError as exc:
-            raise UsageError(f"data.{key}: {exc}") from exc
     _check_world(cfg)
     if model_dir.exists():
         _check_tokenizer(cfg, model_dir)
@@ -144,6 +134,32 @@ def preflight(cfg) -> None:
             f"strategy={cfg.strategy.name} needs {missing}, which is not installed "
             f"(pip install -e '.[{missing}]')"
         )
+    _prepare_data(cfg)
+
+
+def _prepare_data(cfg) -> None:
+    """Read, check and tokenize the data once, here, into the cache every rank then reads.
+    Without a local tokenizer (a hub id) only the rows are checked; rank 0 tokenizes."""
+    from orchestrator.data import DataError, check_rows, describe, prepare
+
+    tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
+    try:
+        if not tok_dir.exists():
+            for key in ("path", "eval_path"):
+                if getattr(cfg.data, key):
+                    try:
+                        check_rows(getattr(cfg.data, key), cfg.data)
+                    except DataError as exc:
+                        raise DataError(f"data.{key}: {exc}") from None
+            return
+        from orchestrator.model import load_tokenizer
+
+        splits = prepare(cfg.data, load_tokenizer(cfg.model))
+    except DataError as exc:
+        raise UsageError(str(exc)) from exc
+    for line in describe(splits):
+        print(f"{line} (tokenized cache {'hit' if splits.cache_hit else 'written'}: "
+              f"{splits.fingerprint})", flush=True)
 
 
 def _has_weights(model_dir: Path) -> bool:

@@ -70,13 +70,30 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    # alpaca: instruction / optional input / output fields.
+    # alpaca: instruction / optional input / output fields; chat: a list of {role, content}
+    # messages rendered with the tokenizer's chat template; text: raw text (continued pretraining).
     format: str = "alpaca"
+    # A local .jsonl, .json, .parquet or .csv file, or a directory of such shards.
     path: str = MISSING
+    # Eval split from its own file; or hold out eval_fraction of the training rows instead.
     eval_path: Optional[str] = None
+    eval_fraction: float = 0.0
+    # Seed of the held-out split (fixed apart from the trainer seed, so it never moves).
+    split_seed: int = 0
     max_seq_len: int = 512
+    # Examples longer than max_seq_len: right (keep the start), left (keep the end, the
+    # response), drop (skip them; the count is reported).
+    truncation: str = "right"
     # Compute the loss on prompt tokens as well as on the response.
     train_on_prompt: bool = False
+    # Pack several examples into each row (position ids restart per example, no attention
+    # across examples) instead of padding every example to the longest in the micro-batch.
+    packing: bool = False
+    # A malformed row stops the run (error) or is skipped and counted (skip).
+    on_bad_row: str = "error"
+    # Tokenized data cache, keyed by data, tokenizer and settings; null:
+    # $QLORA_ORCHESTRATOR_CACHE or ~/.cache/qlora-orchestrator/data.
+    cache_dir: Optional[str] = None
     instruction_field: str = "instruction"
     input_field: str = "input"
     output_field: str = "output"
@@ -85,6 +102,10 @@ class DataConfig:
     )
     # Template for rows whose input field is empty or absent.
     prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+    messages_field: str = "messages"
+    # Jinja chat template (inline, or a path to a .jinja file) for tokenizers without one.
+    chat_template: Optional[str] = None
+    text_field: str = "text"
 
 
 @dataclass
@@ -314,7 +335,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.storage_dtype": ("auto", "uint8", "bf16", "fp16", "fp32"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
     "lora.bias": ("none", "all", "lora_only"),
-    "data.format": ("alpaca",),
+    "data.format": ("alpaca", "chat", "text"),
+    "data.truncation": ("right", "left", "drop"),
+    "data.on_bad_row": ("error", "skip"),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
     "trainer.on_nonfinite": ("stop", "skip"),
@@ -401,6 +424,15 @@ def validate(cfg: RunConfig) -> None:
         positive(key, allow_zero=True)
     if cfg.plan.overhead_gb is not None:
         positive("plan.overhead_gb", allow_zero=True)
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(
+            f"data.eval_fraction={cfg.data.eval_fraction!r} is not allowed; it must be in [0, 1)"
+        )
+    if cfg.data.eval_fraction > 0 and cfg.data.eval_path:
+        raise ConfigError(
+            f"data.eval_fraction={cfg.data.eval_fraction!r} and data.eval_path={cfg.data.eval_path!r}: "
+            "choose one source for the eval split"
+        )
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout={cfg.lora.dropout!r} is not allowed; it must be in [0, 1)")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

@@ -6,6 +6,8 @@ labels are masked out), because sharded strategies need every rank in every forw
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +29,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, (shift_labels != IGNORE_INDEX).sum()
 
 
-def _batches(examples: list[Example], dist: DistInfo, batch_size: int):
+def _batches(examples: Sequence[Example], dist: DistInfo, batch_size: int):
     idx = eval_shard(len(examples), dist.world_size, dist.rank)
     for i in range(0, len(idx), batch_size):
         chunk = idx[i : i + batch_size]
@@ -35,7 +37,7 @@ def _batches(examples: list[Example], dist: DistInfo, batch_size: int):
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, examples: list[Example], dist: DistInfo, batch_size: int,
+def eval_loss(model: nn.Module, examples: Sequence[Example], dist: DistInfo, batch_size: int,
               pad_id: int, autocast) -> float:
     was_training = model.training
     model.eval()
@@ -54,7 +56,7 @@ def eval_loss(model: nn.Module, examples: list[Example], dist: DistInfo, batch_s
 
 
 @torch.no_grad()
-def exact_match(model: nn.Module, examples: list[Example], tokenizer, dist: DistInfo,
+def exact_match(model: nn.Module, examples: Sequence[Example], tokenizer, dist: DistInfo,
                 batch_size: int, max_new_tokens: int, synced: bool, autocast) -> float:
     """Share of prompts whose greedy continuation (up to EOS, stripped) equals the target."""
     was_training = model.training
@@ -62,7 +64,7 @@ def exact_match(model: nn.Module, examples: list[Example], tokenizer, dist: Dist
     hits = total = 0.0
     pad_id = tokenizer.pad_token_id
     for exs, keep in _batches(examples, dist, batch_size):
-        prompts = [tokenizer(e.prompt, add_special_tokens=True)["input_ids"] for e in exs]
+        prompts = [e.prompt_ids for e in exs]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

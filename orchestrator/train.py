@@ -23,10 +23,10 @@ import torch
 
 from . import checkpoint, faults
 from .config import RunConfig, accumulation_steps, to_container
-from .data import StepSampler, collate, load_examples
+from .data import StepSampler, collate, collate_packed, describe, load_splits, model_inputs
 from .distributed import (
-    DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, init_distributed, peak_memory_mb,
-    resolve_precision, set_phase, shutdown,
+    DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, barrier, init_distributed,
+    peak_memory_mb, resolve_precision, set_phase, shutdown,
 )
 from .evaluate import eval_loss, exact_match, token_loss_sum
 from .metrics import build_logger
@@ -61,7 +61,7 @@ def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo
     set_phase("evaluation")
     out = {"eval_loss": eval_loss(strategy.eval_module, eval_examples, dist, t.eval_batch_size,
                                   tokenizer.pad_token_id, autocast)}
-    if t.eval_generate_examples:
+    if t.eval_generate_examples and cfg.data.format != "text":  # raw text has no answers
         subset = eval_examples[: t.eval_generate_examples]
         out["eval_accuracy"] = exact_match(
             strategy.eval_module, subset, tokenizer, dist, t.eval_batch_size,
@@ -138,12 +138,15 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     base_storage = base_linear_storage(model)  # before any sharding
     trainable, total = count_parameters(model)
 
-    train_examples = load_examples(cfg.data.path, tokenizer, cfg.data)
-    eval_examples = load_examples(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else []
+    set_phase("data loading (rank 0 tokenizes or reads the cache, the others wait)")
+    splits = load_splits(cfg.data, tokenizer, dist.is_main, barrier)
+    train_examples, eval_examples = splits.train, splits.eval
+    make_batch = (functools.partial(collate_packed, capacity=cfg.data.max_seq_len)
+                  if cfg.data.packing else collate)
     accum = accumulation_steps(cfg, dist.world_size)
     planned_mb = _planned_peak_mb(cfg, dist, compute_dtype)
     sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
-                          dist.world_size, dist.rank, t.seed)
+                          dist.world_size, dist.rank, t.seed, fingerprint=splits.fingerprint)
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch
     strategy.setup(model, cfg.optim, total_steps, BatchPlan(t.micro_batch_size, accum, t.max_grad_norm))
     # Start-up peak per rank (model loaded, quantized and sharded): what low-memory loading saves.
@@ -155,6 +158,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     if resume_from is not None:
         state = checkpoint.load(resume_from, strategy, dist)
         start_step = state["step"]
+        sampler.load_state_dict(state.get("sampler"), start_step)
     else:
         seed_everything(t.seed + dist.rank)  # per-rank dropout streams
 
@@ -166,6 +170,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     peak = peak_flops(dist.device)
     holdings: list[dict] = []
     if dist.is_main:
+        for line in describe(splits):
+            log.info("%s%s", line, " (tokenized cache " + ("hit" if splits.cache_hit else "written") + ")")
         log.info(
             "strategy=%s world=%d device=%s precision=%s quant=%s accumulation=%d steps=%d "
             "trainable=%d/%d params%s", strategy.name, dist.world_size, dist.device,
@@ -190,10 +196,10 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         if faults.armed("hang", step, dist.rank):
             time.sleep(3600)  # a rank stuck outside any collective
         set_phase(f"step {step} forward/backward (gradient all-reduce)")
-        micro = [collate([train_examples[i] for i in mb], tokenizer.pad_token_id)
+        micro = [make_batch([train_examples[i] for i in mb], tokenizer.pad_token_id)
                  for mb in sampler.micro_batches(step - 1)]
         local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
         local_positions = sum(b["input_ids"].numel() for b in micro)
         global_targets, global_tokens, global_positions = all_reduce_sum(
             [local_targets, local_tokens, local_positions], dist.device)
@@ -203,9 +209,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items()}
             with strategy.accumulate(sync=j == len(micro) - 1):
                 with autocast():
-                    logits = strategy.train_module(
-                        input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False
-                    ).logits
+                    logits = strategy.train_module(**model_inputs(b), use_cache=False).logits
                     loss, _ = token_loss_sum(logits, b["labels"])
                     if faults.armed("nan_loss", step, dist.rank):
                         loss = loss * float("nan")
@@ -257,12 +261,14 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             logger.log(step, _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast))
         saved = False
         if t.save_every and step % t.save_every == 0 and not is_last:
-            state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss)
+            state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss,
+                         sampler=sampler.state_dict(step))
             checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
             saved = True
         if not is_last and stop.agreed():
             if not saved:
-                state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss)
+                state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss,
+                         sampler=sampler.state_dict(step))
                 checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
             if dist.is_main:
                 log.info("stop requested: checkpoint saved at step %d; the run resumes from it "
@@ -274,7 +280,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     after = _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast) if eval_examples else {}
     if after:
         logger.log(step, after)
-    state.update(tokens_seen=tokens_seen, train_time_s=train_time,
+    state.update(tokens_seen=tokens_seen, train_time_s=train_time, sampler=sampler.state_dict(step),
                  train_loss_last=losses[-1] if losses else state.get("train_loss_last"))
     if step > start_step:
         checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
@@ -305,6 +311,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "skipped_steps": skipped,
         "holdings_bytes": holdings,
         "base_storage": base_storage,
+        "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint},
     }
     logger.close()
     if dist.is_main:

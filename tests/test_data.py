@@ -1,4 +1,5 @@
-"""Prompt masking, the deterministic sampler, and refusing malformed data with file:line."""
+"""Formats and prompt masking, packing, the cache, the deterministic sampler, and refusing
+malformed data with file:line (row N for Parquet/CSV)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 
 from orchestrator.config import ASSETS_DIR, DataConfig, ModelConfig
 from orchestrator.data import (
-    IGNORE_INDEX, DataError, StepSampler, check_rows, collate, eval_shard, load_examples,
+    IGNORE_INDEX, DataError, StepSampler, check_rows, collate, collate_packed, eval_shard,
+    load_examples, model_inputs, prepare,
 )
 from orchestrator.model import load_tokenizer
 
@@ -94,3 +96,197 @@ def test_malformed_data_refused_by_cli(tmp_path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: data.path: {path}:2: invalid JSON (Expecting value)"
     assert not (tmp_path / "run").exists()
+
+
+TINY_TRAIN = ASSETS_DIR / "tiny_instruct" / "train.jsonl"
+
+
+def _tiny_rows(n: int) -> list[dict]:
+    return [json.loads(line) for line in TINY_TRAIN.read_text().splitlines()[:n]]
+
+
+def _trained_text(tokenizer, ex) -> str:
+    return tokenizer.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX])
+
+
+def test_chat_labels_only_on_assistant_turns(tokenizer, tmp_path) -> None:
+    conv = {"messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Reverse tour"}, {"role": "assistant", "content": "ruot"},
+        {"role": "user", "content": "Uppercase open"}, {"role": "assistant", "content": "OPEN"},
+    ]}
+    cfg = DataConfig(path=_write(tmp_path, [json.dumps(conv)]), format="chat", max_seq_len=256)
+    (ex,) = load_examples(cfg.path, tokenizer, cfg)
+    # The tiny template writes no EOS, so one follows the last assistant turn (trained).
+    assert _trained_text(tokenizer, ex) == "ruot\n\nOPEN\n\n</s>"
+    assert tokenizer.decode(ex.input_ids).startswith("<s>### system:\nAnswer briefly.")
+    assert tokenizer.decode(ex.prompt_ids).endswith("### user:\nUppercase open\n\n### assistant:\n")
+    assert ex.target == "OPEN"
+    batch = collate([ex, ex], tokenizer.pad_token_id)
+    assert batch["labels"][0].tolist() == ex.labels
+
+
+def test_chat_template_from_config(tokenizer, tmp_path) -> None:
+    conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    cfg = DataConfig(path=_write(tmp_path, [json.dumps(conv)]), format="chat", chat_template=str(template))
+    (ex,) = load_examples(cfg.path, tokenizer, cfg)
+    assert tokenizer.decode(ex.input_ids) == "<s><user>hi<assistant>yo</s>"
+    assert _trained_text(tokenizer, ex) == "yo</s>"
+
+
+def test_text_format_trains_on_everything(tokenizer, tmp_path) -> None:
+    cfg = DataConfig(path=_write(tmp_path, [json.dumps({"text": "the cat sat"})]), format="text")
+    (ex,) = load_examples(cfg.path, tokenizer, cfg)
+    assert ex.labels == ex.input_ids and tokenizer.decode(ex.input_ids) == "<s>the cat sat</s>"
+
+
+@pytest.mark.parametrize("policy", ["right", "left", "drop"])
+def test_truncation_policies(tokenizer, tmp_path, policy) -> None:
+    rows = [{"instruction": "Reverse the word.", "input": "x" * 10, "output": "y" * 40},
+            {"instruction": "a", "output": "b"}]
+    cfg = DataConfig(path=_write(tmp_path, [json.dumps(r) for r in rows]), max_seq_len=90, truncation=policy)
+    examples = load_examples(cfg.path, tokenizer, cfg)
+    if policy == "drop":
+        assert len(examples) == 1 and tokenizer.decode(examples[0].input_ids).endswith("b</s>")
+        return
+    long = examples[0]
+    assert len(long.input_ids) == len(long.labels) == 90
+    text = tokenizer.decode(long.input_ids)
+    assert text.endswith("y" * 40 + "</s>") if policy == "left" else text.startswith("<s>### Instruction")
+
+
+def test_parquet_csv_and_shard_directory_read_the_same(tokenizer, tmp_path) -> None:
+    import pandas as pd
+
+    rows = _tiny_rows(12) + [{"instruction": "Add the numbers.", "input": "", "output": "12"}]
+    ref = load_examples(_write(tmp_path, [json.dumps(r) for r in rows]), tokenizer, DataConfig(path="x"))
+    df = pd.DataFrame(rows)
+    df.to_parquet(tmp_path / "d.parquet")
+    df.to_csv(tmp_path / "d.csv", index=False)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    df[:5].to_parquet(shards / "part-0.parquet")
+    df[5:].to_parquet(shards / "part-1.parquet")
+    for path in (tmp_path / "d.parquet", tmp_path / "d.csv", shards):
+        cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"))
+        assert load_examples(cfg.path, tokenizer, cfg) == ref, path
+
+
+@pytest.mark.parametrize(
+    "fmt, rows, message",
+    [
+        ("parquet", [{"instruction": "a", "output": 3}], r"d.parquet: row 1: field 'output' must be a string, got int"),
+        ("csv", [{"instruction": "a", "answer": "b"}], r"d.csv: row 1: missing field 'output'"),
+        ("jsonl-chat", [{"messages": [{"role": "user", "content": "hi"}]}], r"data.jsonl:1: no assistant message"),
+        ("jsonl-chat", [{"messages": "hi"}], r"data.jsonl:1: field 'messages' must be a non-empty list"),
+        ("jsonl-chat", [{"messages": [{"role": "user", "content": 5}]}], r"data.jsonl:1: message 0 needs a string 'content', got int"),
+        ("jsonl-text", [{"text": ["a"]}], r"data.jsonl:1: field 'text' must be a string, got list"),
+    ],
+)
+def test_malformed_rows_in_other_files_and_formats(tokenizer, tmp_path, fmt, rows, message) -> None:
+    import pandas as pd
+
+    if fmt == "parquet":
+        pd.DataFrame(rows).to_parquet(path := tmp_path / "d.parquet")
+    elif fmt == "csv":
+        pd.DataFrame(rows).to_csv(path := tmp_path / "d.csv", index=False)
+    else:
+        path = _write(tmp_path, [json.dumps(r) for r in rows])
+    cfg = DataConfig(path=str(path), format=fmt.split("-")[-1] if "-" in fmt else "alpaca",
+                     cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=message):
+        prepare(cfg, tokenizer)
+
+
+def test_empty_and_unsupported_files(tokenizer, tmp_path) -> None:
+    (tmp_path / "e.csv").write_text("")
+    (tmp_path / "d.txt").write_text("hello")
+    for name, message in (("e.csv", "e.csv: no rows"), ("d.txt", "unsupported file type '.txt'")):
+        with pytest.raises(DataError, match=message):
+            prepare(DataConfig(path=str(tmp_path / name), cache_dir=str(tmp_path / "c")), tokenizer)
+
+
+def test_skip_bad_rows_counts_them(tokenizer, tmp_path) -> None:
+    lines = [json.dumps(r) for r in _tiny_rows(5)] + ["{oops", '{"instruction": "a"}', "[1]"]
+    cfg = DataConfig(path=_write(tmp_path, lines), on_bad_row="skip", cache_dir=str(tmp_path / "c"))
+    splits = prepare(cfg, tokenizer)
+    assert len(splits.train) == 5
+    assert splits.stats["train"]["skipped_rows"] == 3
+    assert splits.stats["train"]["skipped_first"][0].endswith("data.jsonl:6: invalid JSON (Expecting property name enclosed in double quotes)")
+    from orchestrator.data import describe
+
+    assert "3 malformed rows skipped (first: " in describe(splits)[0]
+
+
+def test_cache_hit_and_invalidation(tokenizer, tmp_path) -> None:
+    path = _write(tmp_path, [json.dumps(r) for r in _tiny_rows(20)])
+    cfg = DataConfig(path=path, cache_dir=str(tmp_path / "cache"), eval_fraction=0.25)
+    first = prepare(cfg, tokenizer)
+    again = prepare(cfg, tokenizer)
+    assert not first.cache_hit and again.cache_hit and first.fingerprint == again.fingerprint
+    assert (len(first.train), len(first.eval)) == (15, 5)
+    assert list(again.train) == list(first.train) and list(again.eval) == list(first.eval)
+    # Packing changes no token: same entry. A tokenization setting or the file bytes: a new one.
+    assert prepare(DataConfig(**{**cfg.__dict__, "packing": True}), tokenizer).cache_hit
+    assert not prepare(DataConfig(**{**cfg.__dict__, "max_seq_len": 100}), tokenizer).cache_hit
+    Path(path).write_text(Path(path).read_text() + json.dumps(_tiny_rows(21)[-1]) + "\n")
+    changed = prepare(cfg, tokenizer)
+    assert not changed.cache_hit and len(changed.train) + len(changed.eval) == 21
+
+
+def test_sampler_position_refuses_other_data() -> None:
+    s = StepSampler(100, global_batch=8, micro_batch=4, world=2, rank=1, seed=3, fingerprint="abc")
+    state = s.state_dict(17)
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 5
+    again = StepSampler(100, global_batch=8, micro_batch=4, world=2, rank=1, seed=3, fingerprint="abc")
+    again.load_state_dict(state, 17)
+    assert [again.micro_batches(k) for k in range(17, 30)] == [s.micro_batches(k) for k in range(17, 30)]
+    other = StepSampler(100, global_batch=8, micro_batch=4, world=2, rank=1, seed=3, fingerprint="xyz")
+    with pytest.raises(DataError, match="fingerprint: 'abc' then, 'xyz' now"):
+        other.load_state_dict(state, 17)
+
+
+def test_packing_rows_and_labels(tokenizer) -> None:
+    cfg = DataConfig(path=str(TINY_TRAIN), max_seq_len=256, train_on_prompt=True)
+    examples = load_examples(str(ASSETS_DIR / "tiny_instruct" / "eval.jsonl"), tokenizer, cfg)[:7]
+    batch = collate_packed(examples, tokenizer.pad_token_id, capacity=256)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] < len(examples)
+    assert batch["input_ids"].shape[1] <= 256
+    starts = (batch["position_ids"] == 0) & (batch["token_mask"] == 1)
+    assert int(starts.sum()) == len(examples)
+    assert (batch["labels"][starts] == IGNORE_INDEX).all()  # never predicted across a boundary
+    assert int(batch["token_mask"].sum()) == sum(len(e.input_ids) for e in examples)
+    padded = collate(examples, tokenizer.pad_token_id)
+    assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_one_by_one(tokenizer, attn) -> None:
+    """The 4-bit QLoRA model on packed rows gives the loss of the examples run one at a time:
+    no attention crosses an example boundary. Without restarting positions it would not."""
+    import torch
+
+    from orchestrator.config import LoraConfig, QuantConfig
+    from orchestrator.evaluate import token_loss_sum
+    from orchestrator.model import attach_lora, load_base
+
+    cfg = DataConfig(path=str(TINY_TRAIN), max_seq_len=256, train_on_prompt=True)
+    examples = load_examples(str(ASSETS_DIR / "tiny_instruct" / "eval.jsonl"), tokenizer, cfg)[:6]
+    model = load_base(ModelConfig(path=TINY, attn_implementation=attn), QuantConfig(), torch.float32,
+                      torch.device("cpu"))
+    model = attach_lora(model, LoraConfig(dropout=0.0)).eval()
+
+    def loss(batch: dict) -> float:
+        return float(token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])[0])
+
+    with torch.no_grad():
+        one_by_one = sum(loss(collate([e], tokenizer.pad_token_id)) for e in examples)
+        batch = collate_packed(examples, tokenizer.pad_token_id, capacity=256)
+        packed = loss(batch)
+        leaky = loss({k: v for k, v in batch.items() if k != "position_ids"})
+    assert batch["input_ids"].shape[0] < len(examples)
+    assert abs(packed - one_by_one) <= 1e-5 * one_by_one, (packed, one_by_one)
+    assert abs(leaky - one_by_one) > 1e-2 * one_by_one

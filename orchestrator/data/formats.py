@@ -1,0 +1,143 @@
+"""Rows -> text segments, each marked as trained (response) or not (prompt).
+
+One representation for all three formats lets masking, truncation and packing be written once:
+alpaca is (prompt, response), chat alternates template text and assistant turns, text is one
+trained segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import DataConfig
+from .sources import DataError
+
+
+@dataclass
+class Formatted:
+    segments: list[tuple[str, bool]]  # (text, trained)
+    target_index: int  # the segment exact-match evaluation compares against (the last response)
+    target: str
+    # Let the tokenizer add its special tokens (BOS) to the first segment.
+    add_special_tokens: bool
+    # Append EOS (trained) right after the target segment.
+    eos_after_target: bool
+
+
+def _string(row: dict, name: str, where: str, required: bool) -> str:
+    value = row.get(name)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing field {name!r}")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def format_alpaca(row: dict, cfg: DataConfig, where: str) -> tuple[str, str]:
+    """(prompt, response) of one Alpaca-style row."""
+    instruction = _string(row, cfg.instruction_field, where, True)
+    inp = _string(row, cfg.input_field, where, False)
+    output = _string(row, cfg.output_field, where, True)
+    template = cfg.prompt_template if inp else cfg.prompt_template_no_input
+    return template.format(instruction=instruction, input=inp), output
+
+
+def _alpaca(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
+    prompt, output = format_alpaca(row, cfg, where)
+    return Formatted([(prompt, False), (output, True)], 1, output, True, True)
+
+
+def _text(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
+    text = _string(row, cfg.text_field, where, True)
+    if not text.strip():
+        raise DataError(f"{where}: field {cfg.text_field!r} is empty")
+    return Formatted([(text, True)], 0, text, True, True)
+
+
+def check_messages(row: dict, cfg: DataConfig, where: str) -> list[dict]:
+    messages = row.get(cfg.messages_field)
+    if messages is None:
+        raise DataError(f"{where}: missing field {cfg.messages_field!r}")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field {cfg.messages_field!r} must be a non-empty list of messages, "
+                        f"got {type(messages).__name__ if not isinstance(messages, list) else 'an empty list'}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {i} must be an object with role and content, got {type(m).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "nothing" if m.get(key) is None else type(m.get(key)).__name__
+                raise DataError(f"{where}: message {i} needs a string {key!r}, got {got}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message to train on")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def chat_template(cfg: DataConfig, tokenizer) -> str:
+    """The template to render with: data.chat_template (inline or a file), else the tokenizer's."""
+    if cfg.chat_template:
+        if "{" in cfg.chat_template:  # Jinja markup: an inline template
+            return cfg.chat_template
+        p = Path(cfg.chat_template)
+        if not p.is_file():
+            raise DataError(f"data.chat_template={cfg.chat_template!r}: no such file "
+                            "(give a .jinja file or the template itself)")
+        return p.read_text(encoding="utf-8")
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("data.format=chat: the tokenizer has no chat template; "
+                        "set data.chat_template to a Jinja template or a .jinja file")
+    return tokenizer.chat_template
+
+
+def _chat(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
+    """Assistant turns are the trained segments, located by rendering the conversation one
+    prefix at a time (the template must render a prefix as a prefix of the whole)."""
+    messages = check_messages(row, cfg, where)
+    template = chat_template(cfg, tokenizer)
+
+    def render(msgs: list[dict], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja raises template errors of its own kinds
+            raise DataError(f"{where}: the chat template failed ({str(exc).splitlines()[0]})") from None
+
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], True) if i else render([], True)
+        after = render(messages[: i + 1], False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix, "
+                            "so assistant turns cannot be located; use a template that does")
+        segments += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    full = render(messages, False)
+    if full[len(done):]:
+        segments.append((full[len(done):], False))
+    segments = [s for s in segments if s[0]]
+    target_index = max(i for i, s in enumerate(segments) if s[1])
+    bos = getattr(tokenizer, "bos_token", None)
+    eos = getattr(tokenizer, "eos_token", None)
+    return Formatted(
+        segments, target_index, messages[_last_assistant(messages)]["content"],
+        add_special_tokens=not (bos and full.startswith(bos)),
+        # Without an EOS in the template the model would never learn to stop.
+        eos_after_target=not (eos and eos in full),
+    )
+
+
+def _last_assistant(messages: list[dict]) -> int:
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+FORMATS = {"alpaca": _alpaca, "chat": _chat, "text": _text}
+
+
+def format_row(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
+    return FORMATS[cfg.format](row, cfg, where, tokenizer)
