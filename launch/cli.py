@@ -157,9 +157,11 @@ def _prepare_data(cfg) -> None:
         splits = prepare(cfg.data, load_tokenizer(cfg.model))
     except DataError as exc:
         raise UsageError(str(exc)) from exc
+    # A dry run's stdout is the job script alone.
+    out = sys.stderr if getattr(cfg.launcher, "dry_run", False) else sys.stdout
     for line in describe(splits):
         print(f"{line} (tokenized cache {'hit' if splits.cache_hit else 'written'}: "
-              f"{splits.fingerprint})", flush=True)
+              f"{splits.fingerprint})", file=out, flush=True)
 
 
 def _has_weights(model_dir: Path) -> bool:
