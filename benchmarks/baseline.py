@@ -72,7 +72,8 @@ def hf_worker(args: argparse.Namespace) -> dict:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
-    examples = load_examples(args.data, tok, DataConfig(path=args.data, max_seq_len=args.max_seq_len))
+    examples = load_examples(args.data, tok, DataConfig(path=args.data, format=args.format,
+                                                          max_seq_len=args.max_seq_len))
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     tokens: list[int] = []
@@ -118,7 +119,8 @@ def hf_worker(args: argparse.Namespace) -> dict:
 
 def run_baseline(args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--hf-worker", "--out", str(out), "--steps", str(args.steps),
-           "--model", str(args.model), "--data", str(args.data), "--micro-batch", str(args.micro_batch),
+           "--model", str(args.model), "--data", str(args.data), "--format", args.format,
+           "--micro-batch", str(args.micro_batch),
            "--global-batch", str(args.global_batch), "--max-seq-len", str(args.max_seq_len),
            "--precision", args.precision, "--seed", str(args.seed)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -130,7 +132,8 @@ def run_baseline(args: argparse.Namespace, out: Path) -> dict:
 def run_orchestrate(args: argparse.Namespace, run_dir: Path) -> dict:
     """`orchestrate train` with the same settings; times launch to the first logged step."""
     cmd = [sys.executable, "-m", "launch", "train", f"run.dir={run_dir}", f"model.path={args.model}",
-           f"data.path={args.data}", "data.eval_path=null", f"data.max_seq_len={args.max_seq_len}",
+           f"data.path={args.data}", f"data.format={args.format}", "data.eval_path=null",
+           f"data.max_seq_len={args.max_seq_len}",
            f"trainer.max_steps={args.steps}", f"trainer.micro_batch_size={args.micro_batch}",
            f"trainer.global_batch_size={args.global_batch}", f"trainer.precision={args.precision}",
            f"trainer.seed={args.seed}", "optim.lr=2e-3", "optim.warmup_steps=2", "trainer.save_every=0",
@@ -166,6 +169,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--model", default=str(TINY))
     ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--format", default="alpaca", help="data.format of --data (alpaca, chat, text)")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--max-seq-len", type=int, default=128)
