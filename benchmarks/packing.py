@@ -16,10 +16,10 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from common import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "orchestrator" / "assets" / "tiny_instruct" / "train.jsonl"
@@ -44,25 +44,23 @@ def make_dataset(path: Path, n: int = 2000, seed: int = 0) -> dict:
 
 
 def run_one(packing: bool, data: Path, steps: int, nproc: int, extra: list[str], root: Path) -> dict:
-    run_dir = root / ("packed" if packing else "padded")
-    cmd = [sys.executable, "-m", "launch", "train", f"run.dir={run_dir}", f"trainer.max_steps={steps}",
-           f"launcher.nproc_per_node={nproc}", "data=jsonl", f"data.path={data}", "data.format=text",
-           f"data.max_seq_len={MAX_LEN}", f"data.packing={str(packing).lower()}",
-           f"data.cache_dir={root / 'cache'}", "trainer.global_batch_size=64",
-           "trainer.micro_batch_size=16", "trainer.eval_generate_examples=0", "logger=basic",
-           "logger.console=false", "optim.lr=3e-3", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"packing={packing} failed: {proc.stderr.strip().splitlines()[-1]}")
-    train = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [m for m in train if "loss" in m]
-    warm = train[min(3, len(train) - 1):]
+    out = train(root / ("packed" if packing else "padded"), [
+        f"trainer.max_steps={steps}", f"launcher.nproc_per_node={nproc}", "data=jsonl",
+        f"data.path={data}", "data.format=text", f"data.max_seq_len={MAX_LEN}",
+        f"data.packing={str(packing).lower()}", f"data.cache_dir={root / 'cache'}",
+        "trainer.global_batch_size=64", "trainer.micro_batch_size=16",
+        "trainer.eval_generate_examples=0", "optim.lr=3e-3", *extra,
+    ])
+    if "error" in out:
+        raise SystemExit(f"packing={packing} failed: {out['error']}")
+    steps_logged = [m for m in out["metrics"] if "loss" in m]
+    warm = steps_logged[min(3, len(steps_logged) - 1):]
     return {
         "packing": packing,
         "tokens_per_s": statistics.median(m["tokens_per_s"] for m in warm),
         "step_time_s": statistics.median(m["step_time_s"] for m in warm),
-        "non_pad_share": statistics.mean(m["non_pad_share"] for m in train),
-        "final_loss": train[-1]["loss"],
+        "non_pad_share": statistics.mean(m["non_pad_share"] for m in steps_logged),
+        "final_loss": steps_logged[-1]["loss"],
     }
 
 
