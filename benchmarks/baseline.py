@@ -27,19 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "orchestrator" / "assets" / "tiny-llama"
+from common import ROOT
+from orchestrator.tiny.random_llama import TINY
+
 DATA = ROOT / "orchestrator" / "assets" / "tiny_instruct" / "train.jsonl"
-
-
-def peak_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def hf_worker(args: argparse.Namespace) -> dict:
@@ -51,10 +42,12 @@ def hf_worker(args: argparse.Namespace) -> dict:
 
     from orchestrator.config import DataConfig
     from orchestrator.data import load_examples
-    from orchestrator.distributed import resolve_precision
+    from orchestrator.distributed import peak_memory_mb, resolve_precision
+    from orchestrator.model import disable_cpu_repacking
 
     cuda = torch.cuda.is_available()
-    dtype = resolve_precision(args.precision, torch.device("cuda" if cuda else "cpu"))
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = resolve_precision(args.precision, device)
     tok = AutoTokenizer.from_pretrained(args.model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -64,11 +57,7 @@ def hf_worker(args: argparse.Namespace) -> dict:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype),
     )
-    import bitsandbytes as bnb
-
-    for m in model.modules():  # bitsandbytes' CPU repacking pitfall (FACTS.md)
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
+    disable_cpu_repacking(model)  # bitsandbytes' CPU repacking pitfall (FACTS.md)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -113,7 +102,7 @@ def hf_worker(args: argparse.Namespace) -> dict:
     return {
         "tokens_per_s": sum(per_step[warm]) / sum(step_times[warm]),
         "median_step_s": statistics.median(step_times[warm]),
-        "peak_mb": peak_mb(),
+        "peak_mb": peak_memory_mb(device),
     }
 
 

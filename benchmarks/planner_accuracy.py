@@ -13,28 +13,23 @@ behind orchestrator/plan.py's CPU_RUNTIME_BYTES.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import train  # noqa: E402
 from strategies import STRATEGIES  # noqa: E402
-from synthetic import ROOT, TINY, build_llama  # noqa: E402
+from synthetic import TINY, build_llama  # noqa: E402
 
-COMMON = ["trainer.eval_generate_examples=16", "trainer.eval_max_new_tokens=4", "logger=basic",
-          "logger.console=false", "trainer.save_every=0"]
+COMMON = ["trainer.eval_generate_examples=16", "trainer.eval_max_new_tokens=4", "trainer.save_every=0"]
 
 
-def train(model_dir: Path, overrides: list[str], steps: int, nproc: int, run_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "launch", "train", f"run.dir={run_dir}", f"model.path={model_dir}",
-           f"trainer.max_steps={steps}", f"launcher.nproc_per_node={nproc}", *COMMON, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()
-        return {"error": tail[-1] if tail else f"exit {proc.returncode}"}
-    return json.loads((run_dir / "summary.json").read_text())
+def train_run(model_dir: Path, overrides: list[str], steps: int, nproc: int, run_dir: Path) -> dict:
+    """The run's summary.json, or {"error": ...}."""
+    out = train(run_dir, [f"model.path={model_dir}", f"trainer.max_steps={steps}",
+                          f"launcher.nproc_per_node={nproc}", *COMMON, *overrides])
+    return out.get("summary", out)
 
 
 def model_dirs(names: list[str], tmp: Path) -> dict[str, Path]:
@@ -63,7 +58,7 @@ def main() -> None:
         for model, path in dirs.items():
             for name in args.strategies:
                 run_dir = Path(tmp) / "runs" / f"{model}-{name.replace(' ', '_')}"
-                s = train(path, STRATEGIES[name] + args.extra, args.steps, args.nproc, run_dir)
+                s = train_run(path, STRATEGIES[name] + args.extra, args.steps, args.nproc, run_dir)
                 if "error" in s:
                     print(f"| {model} | {name} | failed: {s['error']} | | |", flush=True)
                     continue

@@ -25,7 +25,7 @@ from . import checkpoint, faults
 from .config import RunConfig, accumulation_steps, to_container
 from .data import StepSampler, collate, collate_packed, describe, load_splits, model_inputs
 from .distributed import (
-    DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, barrier, init_distributed,
+    DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
     peak_memory_mb, resolve_precision, set_phase, shutdown,
 )
 from .evaluate import eval_loss, exact_match, token_loss_sum
@@ -139,7 +139,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     trainable, total = count_parameters(model)
 
     set_phase("data loading (rank 0 tokenizes or reads the cache, the others wait)")
-    splits = load_splits(cfg.data, tokenizer, dist.is_main, barrier)
+    splits = load_splits(cfg.data, tokenizer, dist.is_main, broadcast_object)
     train_examples, eval_examples = splits.train, splits.eval
     make_batch = (functools.partial(collate_packed, capacity=cfg.data.max_seq_len)
                   if cfg.data.packing else collate)
@@ -206,7 +206,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         scale = dist.world_size / max(global_targets, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
         for j, b in enumerate(micro):
-            b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items()}
+            # token_mask only counts tokens (above, on the host); it stays off the device
+            b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items() if k != "token_mask"}
             with strategy.accumulate(sync=j == len(micro) - 1):
                 with autocast():
                     logits = strategy.train_module(**model_inputs(b), use_cache=False).logits
@@ -259,17 +260,13 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             logger.log(step, metrics)
         if t.eval_every and step % t.eval_every == 0 and not is_last and eval_examples:
             logger.log(step, _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast))
-        saved = False
-        if t.save_every and step % t.save_every == 0 and not is_last:
+        periodic = bool(t.save_every) and step % t.save_every == 0 and not is_last
+        stopping = not is_last and stop.agreed()
+        if periodic or stopping:
             state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss,
                          sampler=sampler.state_dict(step))
             checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
-            saved = True
-        if not is_last and stop.agreed():
-            if not saved:
-                state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss,
-                         sampler=sampler.state_dict(step))
-                checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
+        if stopping:
             if dist.is_main:
                 log.info("stop requested: checkpoint saved at step %d; the run resumes from it "
                          "when started again with run.dir=%s", step, run_dir)

@@ -141,12 +141,12 @@ def prepare(cfg: DataConfig, tokenizer) -> Splits:
     key = fingerprint(cfg, tokenizer)
     entry = cache_root(cfg) / key
     hit = lookup(entry)
-    if hit is None:
+    cached = hit is not None
+    if not cached:
         store(entry, *_build(cfg, tokenizer))
-        hit = lookup(entry)
+        hit = lookup(entry)  # every rank then uses the same memory-mapped entry
         assert hit is not None
-        return Splits(*hit[:2], fingerprint=key, stats=hit[2], cache_hit=False)
-    return Splits(*hit[:2], fingerprint=key, stats=hit[2], cache_hit=True)
+    return Splits(*hit[:2], fingerprint=key, stats=hit[2], cache_hit=cached)
 
 
 def describe(splits: Splits) -> list[str]:
@@ -167,9 +167,15 @@ def describe(splits: Splits) -> list[str]:
     return lines
 
 
-def load_splits(cfg: DataConfig, tokenizer, is_main: bool, barrier) -> Splits:
-    """Rank 0 tokenizes (or finds the launcher's cache entry); the others wait, then read it.
-    A rank that cannot see the entry (a cache directory not shared between nodes) builds its own."""
+def load_splits(cfg: DataConfig, tokenizer, is_main: bool, broadcast) -> Splits:
+    """Rank 0 fingerprints and tokenizes (or finds the launcher's cache entry) and sends the
+    others the entry's key, so they read it without hashing the data again. A rank that cannot
+    see the entry (a cache directory not shared between nodes) builds its own."""
     splits = prepare(cfg, tokenizer) if is_main else None
-    barrier()
-    return splits or prepare(cfg, tokenizer)
+    key = broadcast(splits.fingerprint if splits else None)
+    if splits is not None:
+        return splits
+    hit = lookup(cache_root(cfg) / key)
+    if hit is None:
+        return prepare(cfg, tokenizer)
+    return Splits(*hit[:2], fingerprint=key, stats=hit[2], cache_hit=True)
