@@ -135,6 +135,14 @@ def test_chat_template_from_config(tokenizer, tmp_path) -> None:
     (ex,) = load_examples(cfg.path, tokenizer, cfg)
     assert tokenizer.decode(ex.input_ids) == "<s><user>hi<assistant>yo</s>"
     assert _trained_text(tokenizer, ex) == "yo</s>"
+    # The template's text, not its file name, keys the cache: editing the file re-tokenizes.
+    cached = DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "cache")})
+    assert not prepare(cached, tokenizer).cache_hit and prepare(cached, tokenizer).cache_hit
+    template.write_text(template.read_text().replace("<assistant>{% endif %}", "<bot>{% endif %}")
+                        .replace("<{{ m['role'] }}>", "<{{ 'bot' if m['role'] == 'assistant' else m['role'] }}>"))
+    edited = prepare(cached, tokenizer)
+    assert not edited.cache_hit
+    assert tokenizer.decode(edited.train[0].input_ids) == "<s><user>hi<bot>yo</s>"
 
 
 def test_text_format_trains_on_everything(tokenizer, tmp_path) -> None:

@@ -11,6 +11,7 @@ its micro-batches.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -127,10 +128,13 @@ def _build(cfg: DataConfig, tokenizer) -> tuple[list[Example], list[Example], di
 
 def prepare(cfg: DataConfig, tokenizer) -> Splits:
     """Tokenized train and eval splits, from the cache when this data was tokenized before."""
-    if cfg.format == "chat" and cfg.chat_template is None:
+    if cfg.format == "chat":
         from .formats import chat_template
 
-        chat_template(cfg, tokenizer)  # refuse a template-less tokenizer before reading anything
+        # Resolved to its text once, before anything is read: a template-less tokenizer is
+        # refused up front, rows do not re-read a .jinja file, and the text (not the file name)
+        # enters the fingerprint, so editing the template makes a new cache entry.
+        cfg = dataclasses.replace(cfg, chat_template=chat_template(cfg, tokenizer))
     _quiet_datasets()
     for k in ("path", "eval_path"):
         if getattr(cfg, k):
