@@ -17,6 +17,7 @@ from orchestrator.tiny.random_llama import TINY, build  # noqa: E402
 #: name -> (hidden, intermediate, layers, heads, kv_heads); multiples of 32 (FACTS.md).
 SIZES = {
     "micro": (64, 128, 1, 2, 2),          # ~0.03M: only the runtime's own memory is left
+    "20m": (512, 1408, 6, 8, 4),          # ~17M: the planner's CPU calibration model
     "50m": (768, 2048, 8, 12, 4),         # ~50M parameters
     "1b": (2048, 5632, 22, 32, 4),        # ~1.0B (TinyLlama-1.1B's shape, vocabulary 128)
 }

@@ -304,7 +304,8 @@ class PlanConfig:
     # Plan for GPUs (cuda) or for a CPU run (cpu: process RSS, what CPU runs measure).
     device: str = "cuda"
     # Framework overhead per rank in GiB; null: the CUDA context and NCCL buffers on cuda, the
-    # runtime's measured resident size on cpu (orchestrator/plan.py).
+    # runtime's measured resident size plus the host allocator's retention on cpu
+    # (orchestrator/plan.py). A value given here replaces both.
     overhead_gb: Optional[float] = None
 
 

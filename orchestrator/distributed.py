@@ -153,6 +153,35 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+_LIBC_TRIM = None
+
+
+def release_free_host_memory(device: torch.device) -> None:
+    """Hand the host allocator's freed pages back to the OS (glibc ``malloc_trim``), on CPU.
+
+    glibc keeps memory freed by training's activations in its heaps, fragmented; evaluation
+    would then grow the heaps further instead of reusing it (measured +140 MB of peak RSS on a
+    50M-parameter model). Called before each evaluation only: trimming every optimizer step
+    kept peak RSS 20% lower but made steps of the tiny model 12-15% slower (the pages fault back
+    in as they are reused), every micro-batch 27% slower. The planner models the retention
+    instead (plan.py, CPU_RETENTION). On CUDA the caching allocator owns device memory and
+    emptying it would only cost speed, so this does nothing there; nor without glibc.
+    """
+    global _LIBC_TRIM
+    if device.type != "cpu":
+        return
+    if _LIBC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # musl, macOS: no malloc_trim
+            _LIBC_TRIM = False
+    if _LIBC_TRIM:
+        _LIBC_TRIM(0)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this rank: CUDA allocator peak on GPU, process peak RSS on CPU."""
     if device.type == "cuda":

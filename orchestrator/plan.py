@@ -55,12 +55,30 @@ NCCL_BYTES = int(0.25 * GiB)
 #: Peak RSS per rank of `orchestrate train` with a negligible model (hidden 64, 1 layer, 8
 #: steps with evaluation), by strategy, less that model's own planned bytes (~7 MB): measured
 #: by ``benchmarks/planner_accuracy.py --calibrate`` on the 2-core build machine (torch 2.13
-#: CPU, 2 gloo ranks; 564/567/591 MB). Override with plan.overhead_gb elsewhere.
+#: CPU, 2 gloo ranks, the datasets/pyarrow data pipeline loaded; 627/629/655 MB). Override
+#: with plan.overhead_gb elsewhere.
 CPU_RUNTIME_BYTES = {
-    "ddp": int(557 * MiB),
-    "fsdp": int(560 * MiB),
-    "deepspeed": int(584 * MiB),
+    "ddp": int(620 * MiB),
+    "fsdp": int(622 * MiB),
+    "deepspeed": int(648 * MiB),
 }
+
+#: Host allocator retention on CPU, as a fraction of a training step's transient bytes
+#: (activations and logits), by strategy kind. glibc keeps freed activation memory in its heaps,
+#: fragmented, and later steps grow the heaps instead of reusing it, so peak RSS exceeds the
+#: live peak by an amount that scales with what a step allocates and frees, and with how the
+#: strategy allocates (FSDP's all-gathers, ZeRO-3's parameter gathers add their own churn).
+#: Fitted on one held-out model (~17M parameters, ``planner_accuracy.py --calibrate``) and
+#: checked on the 3M and 50M models (benchmarks/RESULTS.md). Not applied on CUDA, where the
+#: measured peak is the caching allocator's live bytes.
+CPU_RETENTION = {
+    "ddp": 0.47,
+    "fsdp": 0.53,
+    "fsdp shard_base": 0.79,
+    "zero2": 0.65,
+    "zero3": 1.51,
+}
+RETENTION = "host allocator retention (CPU)"
 
 
 class PlanError(ValueError):
@@ -201,6 +219,15 @@ class Setup:
     def adapter_sharded(self) -> bool:
         """LoRA parameters themselves split across ranks (FSDP2 always, ZeRO-3)."""
         return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)
+
+    @property
+    def kind(self) -> str:
+        """The strategy as the CPU calibration tables name it."""
+        if self.strategy == "fsdp":
+            return "fsdp shard_base" if self.shard_base else "fsdp"
+        if self.strategy == "deepspeed":
+            return f"zero{self.zero_stage}"
+        return self.strategy
 
     def describe(self) -> str:
         s = self.strategy
@@ -393,6 +420,8 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float) -> Plan:
     train = Phase("train", dict(persistent))
     train.items["activations"] = acts
     train.items["logits + loss"] = logits
+    if s.device == "cpu" and s.overhead_bytes is None:
+        train.items[RETENTION] = CPU_RETENTION[s.kind] * (acts + logits)
     train.items[OVERHEAD] = overhead
 
     ev = Phase("eval", dict(persistent))

@@ -26,7 +26,7 @@ from .config import RunConfig, accumulation_steps, to_container
 from .data import StepSampler, collate, collate_packed, describe, load_splits, model_inputs
 from .distributed import (
     DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
-    peak_memory_mb, resolve_precision, set_phase, shutdown,
+    peak_memory_mb, release_free_host_memory, resolve_precision, set_phase, shutdown,
 )
 from .evaluate import eval_loss, exact_match, token_loss_sum
 from .metrics import build_logger
@@ -59,6 +59,7 @@ def seed_everything(seed: int) -> None:
 def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo, autocast) -> dict:
     t = cfg.trainer
     set_phase("evaluation")
+    release_free_host_memory(dist.device)  # training's freed activations, before eval allocates
     out = {"eval_loss": eval_loss(strategy.eval_module, eval_examples, dist, t.eval_batch_size,
                                   tokenizer.pad_token_id, autocast)}
     if t.eval_generate_examples and cfg.data.format != "text":  # raw text has no answers

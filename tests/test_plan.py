@@ -187,3 +187,37 @@ def test_training_records_planned_and_measured_peaks(two_rank_run):
     assert len(planned) == len(measured) == 2
     for p, m in zip(planned, measured):
         assert p == pytest.approx(m, rel=0.3)  # RSS varies by machine; benchmarks track the error
+
+
+@pytest.mark.parametrize("strategy,kind", [
+    (["strategy=ddp"], "ddp"), (["strategy=fsdp", "strategy.shard_base=true"], "fsdp shard_base"),
+    (["strategy=deepspeed", "strategy.zero_stage=3"], "zero3"),
+])
+def test_cpu_plans_add_host_allocator_retention(strategy, kind):
+    cpu = phase(make_plan([*strategy, "plan.device=cpu"], 2), "train").items
+    transient = cpu["activations"] + cpu["logits + loss"]
+    assert cpu[P.RETENTION] == pytest.approx(P.CPU_RETENTION[kind] * transient)
+    # Not on CUDA (live allocator bytes), nor when the user states the overhead themselves.
+    assert P.RETENTION not in phase(make_plan([*strategy, "plan.device=cuda"], 2), "train").items
+    given = phase(make_plan([*strategy, "plan.device=cpu", "plan.overhead_gb=1"], 2), "train").items
+    assert P.RETENTION not in given
+
+
+def test_host_memory_release_returns_freed_heap_pages():
+    """What runs before each evaluation on CPU: pages freed in the middle of glibc's heap stay
+    in the process (RSS) until trimmed, and trimming hands them back."""
+    import torch
+
+    from orchestrator.distributed import release_free_host_memory
+
+    def rss_mb() -> float:
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+    blocks = [bytearray(100_000) for _ in range(1000)]  # below the mmap threshold: heap chunks
+    for b in blocks:
+        b[::4096] = b"\1" * len(b[::4096])  # touch every page
+    del blocks[::2]  # 50 MB freed between live chunks: no heap top to shrink
+    before = rss_mb()
+    release_free_host_memory(torch.device("cpu"))
+    assert before - rss_mb() > 30
+    release_free_host_memory(torch.device("meta"))  # not host memory: nothing to do, no error
