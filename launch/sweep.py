@@ -20,7 +20,9 @@ from typing import Any, Sequence
 
 from launch import sweep_space
 from launch.cli import UsageError, build_config, preflight, prepare_run_dir
-from launch.sweep_store import LIST_FILE, record_exit, trial_dir, trial_state, write_sweep, write_trial
+from launch.sweep_store import (
+    LIST_FILE, metric_value, record_exit, trial_dir, trial_state, write_sweep, write_trial,
+)
 from launch.sweep_store import trials as trial_states
 
 
@@ -66,11 +68,13 @@ def _label(index: int, total: int) -> str:
 
 def _announce(state: dict[str, Any], metric: str, total: int) -> None:
     params = " ".join(f"{k}={v}" for k, v in state["params"].items())
-    value = state["summary"].get(metric)
-    if isinstance(value, float):
+    value = metric_value(state, metric)
+    if value is not None:
         result = f"{metric}={value:.4f}"
     else:
-        result = state["reason"] or f"no {metric} in its summary.json (is data.eval_path set?)"
+        got = state["summary"].get(metric)
+        result = state["reason"] or (f"{metric}={got} is not a usable number" if got is not None
+                                     else f"no {metric} in its summary.json (is data.eval_path set?)")
     print(f"{_label(state['index'], total)} {params}: {state['status']} ({result})", flush=True)
 
 
@@ -130,9 +134,9 @@ def run_optuna(base, plain: list[str], sweeps: list) -> Sweep:
         index_of[trial.number] = i
         overrides = sweep_space.trial_overrides([*plain, *fixed], trial.params)
         state = _run_local(sweep, i, overrides, dict(trial.params), s.n_trials)
-        value = state["summary"].get(s.metric)
-        if state["status"] == "completed" and isinstance(value, (int, float)):
-            study.tell(trial, float(value))
+        value = metric_value(state, s.metric)
+        if state["status"] == "completed" and value is not None:
+            study.tell(trial, value)
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):

@@ -4,19 +4,13 @@ the console, ``report.csv`` and ``report.png`` (the metric against each swept pa
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Any
 
-from launch.sweep_store import read_sweep, trials
+from launch.sweep_store import metric_value, read_sweep, trials
 
 CSV_FILE = "report.csv"
 PNG_FILE = "report.png"
-
-
-def _metric(trial: dict[str, Any], metric: str) -> float | None:
-    value = trial["summary"].get(metric)
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def ranked(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -27,7 +21,7 @@ def ranked(sweep_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for t in trials(sweep_dir):
         s = t["summary"]
         rows.append({
-            "trial": t["index"], "status": t["status"], metric: _metric(t, metric),
+            "trial": t["index"], "status": t["status"], metric: metric_value(t, metric),
             **{k: t["params"].get(k) for k in sweep["params"]},
             "steps": s.get("steps"), "tokens_per_s": s.get("tokens_per_s"),
             "eval_accuracy_after": s.get("eval_accuracy_after"),

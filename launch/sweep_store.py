@@ -14,6 +14,7 @@ so ``orchestrate sweep-report`` works while a Slurm array is still running.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,3 +89,12 @@ def trial_state(path: Path) -> dict[str, Any]:
 
 def trials(sweep_dir: Path) -> list[dict[str, Any]]:
     return [trial_state(p.parent) for p in sorted(sweep_dir.glob(f"trial-*/{TRIAL_FILE}"))]
+
+
+def metric_value(state: dict[str, Any], metric: str) -> Optional[float]:
+    """A trial's final ``metric`` if it is a usable number: what Optuna is told, what the
+    report ranks by and what the console shows; None (missing, NaN, inf) marks the trial failed."""
+    value = state["summary"].get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)

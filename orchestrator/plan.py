@@ -262,6 +262,13 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
     )
 
 
+def residual_bytes(s: Setup) -> int:
+    """Bytes per element of the residual stream, Linear outputs and MLP tensors: fp32 around a
+    quantized base (prepare_model_for_kbit_training keeps norms and embeddings in fp32), else
+    the compute dtype."""
+    return 4 if (s.quant != "none" or s.compute_bytes == 4) else s.compute_bytes
+
+
 def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
     """Bytes autograd saves per token for one decoder layer in training.
 
@@ -274,7 +281,7 @@ def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
     really saves (tests/test_plan.py).
     """
     b = s.compute_bytes
-    act = 4 if (s.quant != "none" or b == 4) else b  # dtype of Linear outputs and MLP tensors
+    act = residual_bytes(s)
     lin = shape.linears()
     drop = s.lora_dropout > 0
 
@@ -306,7 +313,7 @@ def _saved_loss_bytes(shape: ModelShape, s: Setup) -> float:
 def saved_activation_bytes(shape: ModelShape, s: Setup) -> float:
     """What autograd holds at the end of one micro-batch's forward (before backward starts)."""
     tokens = s.micro_batch * s.seq_len
-    resid = 4 if (s.quant != "none" or s.compute_bytes == 4) else s.compute_bytes
+    resid = residual_bytes(s)
     if s.checkpointing:  # only each layer's input survives the forward
         layers = shape.layers * resid * shape.hidden
     else:
@@ -409,7 +416,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float) -> Plan:
     persistent["gathered base layers (2 in flight)"] = 2 * layer_base * (1 - 1 / world) if world > 1 else 0.0
 
     tokens = s.micro_batch * s.seq_len
-    resid = 4 if (quantized or b == 4) else b
+    resid = residual_bytes(s)
     # Backward working set: one layer's activation gradients, plus the layer being recomputed
     # under checkpointing.
     working = tokens * layer_activation_bytes(shape, s) * (2 if s.checkpointing else 1)

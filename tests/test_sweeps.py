@@ -210,3 +210,15 @@ def test_job_array_spec_compresses_task_ranges() -> None:
 
     assert JobArray([0, 1, 2, 4, 6, 7], Path("t"), 2).spec() == "0-2,4,6-7%2"
     assert JobArray([0, 1], Path("t"), 0).spec() == "0-1"
+
+
+def test_metric_value_accepts_only_finite_numbers() -> None:
+    from launch.sweep_store import metric_value
+
+    def state(v):
+        return {"summary": {"eval_loss": v}}
+
+    assert metric_value(state(0.25), "eval_loss") == 0.25 and metric_value(state(3), "eval_loss") == 3.0
+    for bad in (float("nan"), float("inf"), None, "0.1", True):
+        assert metric_value(state(bad), "eval_loss") is None  # what Optuna is told as a failure
+    assert metric_value({"summary": {}}, "eval_loss") is None
