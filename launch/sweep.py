@@ -149,7 +149,6 @@ def run_optuna(base, plain: list[str], sweeps: list) -> Sweep:
 def submit_grid(base, args: list[str], plain: list[str]) -> int:
     """Freeze every trial's run directory, then submit one Slurm job array over them."""
     from launch.slurm import SlurmError, submit_array
-    from orchestrator.config import to_container
 
     trials, keys, params = _grid_trials(base, args)
     sweep = Sweep(base, plain, keys)
@@ -161,7 +160,7 @@ def submit_grid(base, args: list[str], plain: list[str]) -> int:
             continue
         if array_cfg is None:
             array_cfg = cfg
-        elif to_container(cfg)["launcher"] != to_container(array_cfg)["launcher"]:
+        elif cfg.launcher != array_cfg.launcher:  # dataclasses: field by field
             raise UsageError("launcher.* differs between trials, but a job array has one resource "
                              "request: sweep launcher settings in separate sweeps")
         ready.append(i)

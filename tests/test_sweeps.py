@@ -187,6 +187,13 @@ def test_slurm_grid_runs_as_one_job_array(slurm, tmp_path, small_eval) -> None:
     assert losses == sorted(losses)
 
 
+def test_slurm_grid_refuses_launcher_settings_that_differ_between_trials(tmp_path) -> None:
+    proc = orchestrate("train", "-m", "launcher=slurm", "launcher.dry_run=true", "launcher.nodes=1,2",
+                       f"sweep.dir={tmp_path / 's'}")
+    assert proc.returncode == 2
+    assert "launcher.* differs between trials" in proc.stderr
+
+
 def test_optuna_space_reads_hydra_optuna_sweeper_format() -> None:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
