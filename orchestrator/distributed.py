@@ -162,8 +162,8 @@ def release_free_host_memory(device: torch.device) -> None:
     glibc keeps memory freed by training's activations in its heaps, fragmented; evaluation
     would then grow the heaps further instead of reusing it (measured +140 MB of peak RSS on a
     50M-parameter model). Called before each evaluation only: trimming every optimizer step
-    kept peak RSS 20% lower but made steps of the tiny model 12-15% slower (the pages fault back
-    in as they are reused), every micro-batch 27% slower. The planner models the retention
+    kept peak RSS 20% lower but made steps of the tiny model ~14% slower (the pages fault back
+    in as they are reused), every micro-batch ~29% slower. The planner models the retention
     instead (plan.py, CPU_RETENTION). On CUDA the caching allocator owns device memory and
     emptying it would only cost speed, so this does nothing there; nor without glibc.
     """
