@@ -3,6 +3,7 @@
 # ~1B-parameter Llama (TinyLlama-1.1B's shape, random weights, the embedded tokenizer), then
 #   1. baseline.py: plain HF Trainer + PEFT + bitsandbytes against `orchestrate train`;
 #   2. planner_accuracy.py: every strategy on the one GPU, planned against measured peak;
+#   3. saved_activations.py: the planner's activation model against what autograd saves on CUDA;
 # and write a results table to $OUT/gpu_results.md (and print it).
 #
 #   bash benchmarks/gpu_wheels.sh                 # once, on a machine with the package registry
@@ -70,5 +71,10 @@ timeout 240 "$PY" benchmarks/planner_accuracy.py --models 1b --cache "$CACHE" --
     --strategies "${strategies[@]}" 2>>"$LOG" | tee -a "$RESULTS" \
     || echo "strategy runs failed or timed out (see gpu_check.log)" | tee -a "$RESULTS"
 [ "$has_ds" = 1 ] || echo "(DeepSpeed not importable: zero2/zero3 skipped)" >>"$RESULTS"
+{ echo; echo "## Activation model on CUDA: bytes autograd saves in one forward against the plan"; echo; } >>"$RESULTS"
+say "saved activations"
+timeout 90 "$PY" -m torch.distributed.run --nproc_per_node 1 benchmarks/saved_activations.py --model "$MODEL" \
+    data.max_seq_len=128 trainer.micro_batch_size=4 strategy=ddp 2>>"$LOG" | tee -a "$RESULTS" \
+    || echo "saved-activation probe failed or timed out (see gpu_check.log)" | tee -a "$RESULTS"
 say "done in $(( $(date +%s) - start )) s; results in $RESULTS"
 cat "$RESULTS"
