@@ -7,6 +7,7 @@ benchmark measures the pipeline users run, not a shortcut around it.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,16 @@ def read_run(run_dir: Path) -> dict:
     """A finished run's ``summary.json`` and ``metrics.jsonl``."""
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     return {"summary": json.loads((run_dir / "summary.json").read_text()), "metrics": metrics}
+
+
+def train_steps(run: dict) -> list[dict]:
+    """A read run's per-step training records (evaluation records left out)."""
+    return [m for m in run["metrics"] if "loss" in m]
+
+
+def steady_medians(steps: list[dict], warmup: int) -> dict:
+    """Median tokens/s and step time once ``warmup`` steps are past (the last step at least),
+    so start-up and allocator warm-up do not count."""
+    warm = steps[min(warmup, len(steps) - 1):]
+    return {"tokens_per_s": statistics.median(m["tokens_per_s"] for m in warm),
+            "step_time_s": statistics.median(m["step_time_s"] for m in warm)}

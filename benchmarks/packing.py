@@ -19,7 +19,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import train
+from common import steady_medians, train, train_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "orchestrator" / "assets" / "tiny_instruct" / "train.jsonl"
@@ -53,12 +53,10 @@ def run_one(packing: bool, data: Path, steps: int, nproc: int, extra: list[str],
     ])
     if "error" in out:
         raise SystemExit(f"packing={packing} failed: {out['error']}")
-    steps_logged = [m for m in out["metrics"] if "loss" in m]
-    warm = steps_logged[min(3, len(steps_logged) - 1):]
+    steps_logged = train_steps(out)
     return {
         "packing": packing,
-        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in warm),
-        "step_time_s": statistics.median(m["step_time_s"] for m in warm),
+        **steady_medians(steps_logged, warmup=3),
         "non_pad_share": statistics.mean(m["non_pad_share"] for m in steps_logged),
         "final_loss": steps_logged[-1]["loss"],
     }

@@ -10,11 +10,10 @@ each rank holds locally.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
-from common import train
+from common import steady_medians, train, train_steps
 
 STRATEGIES = {
     "ddp": ["strategy=ddp"],
@@ -31,13 +30,11 @@ def run_one(name: str, overrides: list[str], steps: int, nproc: int, extra: list
         "trainer.eval_generate_examples=0", *overrides, *extra])
     if "error" in out:
         return {"name": name, "error": out["error"]}
-    train_metrics = [m for m in out["metrics"] if "loss" in m]
-    warm = train_metrics[min(5, len(train_metrics) - 1):]
+    train_metrics = train_steps(out)
     summary = out["summary"]
     return {
         "name": name,
-        "step_time_s": statistics.median(m["step_time_s"] for m in warm),
-        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in warm),
+        **steady_medians(train_metrics, warmup=5),
         "peak_mb": max(summary["peak_memory_mb"]),
         "base_mb": max(h["base_bytes"] for h in summary["holdings_bytes"]) / 2**20,
         "final_loss": train_metrics[-1]["loss"],
