@@ -38,7 +38,7 @@ def train_run(model_dir: Path, overrides: list[str], steps: int, nproc: int, run
 def planned_items(model_dir: Path, overrides: list[str], nproc: int) -> dict[str, float]:
     """The train phase of the plan a run with these overrides logs, in MB per item."""
     sys.path.insert(0, str(ROOT))
-    from launch.cli import build_config
+    from launch.prepare import build_config
     from orchestrator import plan as P
 
     plan = P.plan_for_run(build_config([f"model.path={model_dir}", *COMMON, *overrides]), nproc, "cpu")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from launch.cli import build_config  # noqa: E402
+from launch.prepare import build_config  # noqa: E402
 from orchestrator import plan as P  # noqa: E402
 from orchestrator.distributed import init_distributed, resolve_precision, shutdown  # noqa: E402
 from orchestrator.evaluate import token_loss_sum  # noqa: E402

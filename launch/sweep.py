@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from launch import sweep_space
-from launch.cli import UsageError, build_config, preflight, prepare_run_dir
+from launch.prepare import UsageError, build_config, preflight, prepare_run_dir
 from launch.sweep_store import (
     LIST_FILE, metric_value, record_exit, trial_dir, trial_state, write_sweep, write_trial,
 )

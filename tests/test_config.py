@@ -79,7 +79,7 @@ def test_tokenizer_model_mismatch(tmp_path) -> None:
 
 
 def test_existing_run_dir_guards(tmp_path) -> None:
-    from launch.cli import build_config, prepare_run_dir
+    from launch.prepare import build_config, prepare_run_dir
 
     run_dir = tmp_path / "run"
     overrides = [f"run.dir={run_dir}", "optim.lr=1e-3"]

@@ -65,7 +65,7 @@ def test_each_format_trains_and_caches(files, tmp_path, capsys, fmt) -> None:
     assert summary["train_loss_last"] < summary["train_loss_first"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     # Preparing the same data and tokenizer again (packing off) reads the cache.
-    from launch.cli import build_config, preflight
+    from launch.prepare import build_config, preflight
 
     capsys.readouterr()
     preflight(build_config([*args, f"run.dir={tmp_path / 'run2'}"]))

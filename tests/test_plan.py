@@ -10,7 +10,7 @@ import pytest
 
 from conftest import orchestrate
 
-from launch.cli import build_config
+from launch.prepare import build_config
 from orchestrator import plan as P
 
 GIB = 2**30

@@ -59,7 +59,7 @@ def test_one_rank_batch_2b_equals_two_ranks_batch_b(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def in_process_run(tmp_path_factory):
     """A short 1-rank run in this process, so the trained PEFT model itself is at hand."""
-    from launch.cli import build_config, prepare_run_dir
+    from launch.prepare import build_config, prepare_run_dir
     from orchestrator.train import run
 
     overrides = [*FAST, "trainer.max_steps=6", "trainer.precision=fp32",
