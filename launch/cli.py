@@ -11,6 +11,7 @@ naming the problem, with exit code 2 and no traceback.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,6 +33,13 @@ commands:
   merge run_dir=PATH [out=PATH] [dtype=bf16|fp16|fp32]
                                       merge a run's adapter into the dequantized base and save a
                                       standard transformers model directory (default RUN/merged)
+  generate run_dir=PATH [prompt=TEXT [input=TEXT] | file=PROMPTS.jsonl] [max_new_tokens=N]
+           [temperature=T] [top_p=P] [top_k=K] [seed=S] [merged=true|DIR]
+                                      answer prompts with the trained adapter, formatted as in
+                                      training (greedy unless temperature>0); no prompt: interactive
+  report RUN_DIR [RUN_DIR ...] [out=PNG]
+                                      curves.png (train/eval loss, lr, tokens/s over steps; runs or
+                                      a sweep's trials overlaid) and each finished run's table
 
 examples:
   orchestrate train                                    # embedded tiny model and data, 2 CPU ranks
@@ -78,11 +86,13 @@ def cmd_train(args: list[str]) -> int:
     from launch.local import launch
 
     print(f"run directory: {run_dir}", flush=True)
+    started = time.monotonic()
     rc = launch(cfg, run_dir)
     if rc == 0 and (run_dir / "summary.json").exists():
-        print(f"outputs: {run_dir}/adapter (PEFT adapter), {run_dir}/summary.json, "
-              f"{run_dir}/metrics.jsonl, {run_dir}/checkpoints", flush=True)
-        print((run_dir / "summary.json").read_text(), end="")
+        from launch.report import CURVES, summary_table, write_curves
+
+        write_curves([run_dir], run_dir / CURVES)
+        print(f"\n{summary_table(run_dir, time.monotonic() - started)}", flush=True)
     elif rc == 0:
         print(f"stopped at a checkpoint; continue with: orchestrate train run.dir={run_dir}", flush=True)
     else:
@@ -145,8 +155,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(USAGE, end="")
         return 0
     command, rest = args[0], args[1:]
+    from launch.generate import cmd_generate
+    from launch.report import cmd_report
+
     commands = {"train": cmd_train, "plan": cmd_plan, "merge": cmd_merge,
-                "sweep-report": cmd_sweep_report}
+                "sweep-report": cmd_sweep_report, "generate": cmd_generate, "report": cmd_report}
     try:
         if command not in commands:
             raise UsageError(f"unknown command {command!r}; choose one of: {', '.join(commands)}")

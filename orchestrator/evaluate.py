@@ -6,7 +6,7 @@ labels are masked out), because sharded strategies need every rank in every forw
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def _batches(examples: Sequence[Example], dist: DistInfo, batch_size: int):
+    """(examples, which are real rather than padding, their indices in ``examples``)."""
     idx = eval_shard(len(examples), dist.world_size, dist.rank)
     for i in range(0, len(idx), batch_size):
         chunk = idx[i : i + batch_size]
-        yield [examples[j if j is not None else 0] for j in chunk], [j is not None for j in chunk]
+        yield ([examples[j if j is not None else 0] for j in chunk], [j is not None for j in chunk],
+               chunk)
 
 
 @torch.no_grad()
@@ -42,7 +44,7 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], dist: DistInfo, bat
     was_training = model.training
     model.eval()
     total = count = 0.0
-    for exs, keep in _batches(examples, dist, batch_size):
+    for exs, keep, _ in _batches(examples, dist, batch_size):
         batch = {k: v.to(dist.device) for k, v in collate(exs, pad_id, keep).items()}
         with autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -57,13 +59,15 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], dist: DistInfo, bat
 
 @torch.no_grad()
 def exact_match(model: nn.Module, examples: Sequence[Example], tokenizer, dist: DistInfo,
-                batch_size: int, max_new_tokens: int, synced: bool, autocast) -> float:
-    """Share of prompts whose greedy continuation (up to EOS, stripped) equals the target."""
+                batch_size: int, max_new_tokens: int, synced: bool, autocast,
+                samples: Optional[list] = None) -> float:
+    """Share of prompts whose greedy continuation (up to EOS, stripped) equals the target.
+    ``samples`` (a list) receives this rank's {index, output, match} for each of its prompts."""
     was_training = model.training
     model.eval()
     hits = total = 0.0
     pad_id = tokenizer.pad_token_id
-    for exs, keep in _batches(examples, dist, batch_size):
+    for exs, keep, indices in _batches(examples, dist, batch_size):
         prompts = [e.prompt_ids for e in exs]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -78,14 +82,17 @@ def exact_match(model: nn.Module, examples: Sequence[Example], tokenizer, dist: 
                 pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
                 synced_gpus=synced and dist.world_size > 1,
             )
-        for row, e, k in zip(out[:, width:].tolist(), exs, keep):
+        for row, e, k, j in zip(out[:, width:].tolist(), exs, keep, indices):
             if not k:
                 continue
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
             text = tokenizer.decode(row, skip_special_tokens=True)
-            hits += float(text.strip() == e.target.strip())
+            hit = text.strip() == e.target.strip()
+            hits += float(hit)
             total += 1.0
+            if samples is not None:
+                samples.append({"index": j, "output": text, "match": hit})
     hits, total = all_reduce_sum([hits, total], dist.device)
     model.train(was_training)
     return hits / max(total, 1.0)

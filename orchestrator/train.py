@@ -56,7 +56,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo, autocast) -> dict:
+def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo, autocast,
+              samples_path: Path | None = None) -> dict:
+    """Eval loss and exact match; with ``samples_path`` (the final evaluation) rank 0 also writes
+    every generated answer there, so a user can read what the model said, not just a score."""
     t = cfg.trainer
     set_phase("evaluation")
     release_free_host_memory(dist.device)  # training's freed activations, before eval allocates
@@ -64,11 +67,24 @@ def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo
                                   tokenizer.pad_token_id, autocast)}
     if t.eval_generate_examples and cfg.data.format != "text":  # raw text has no answers
         subset = eval_examples[: t.eval_generate_examples]
+        samples: list[dict] = []
         out["eval_accuracy"] = exact_match(
             strategy.eval_module, subset, tokenizer, dist, t.eval_batch_size,
-            t.eval_max_new_tokens, strategy.synced_forward, autocast,
+            t.eval_max_new_tokens, strategy.synced_forward, autocast, samples,
         )
+        if samples_path is not None:
+            _write_samples(samples_path, subset, all_gather_object(samples), dist)
     return out
+
+
+def _write_samples(path: Path, examples, per_rank: list[list[dict]], dist: DistInfo) -> None:
+    if not dist.is_main:
+        return
+    rows = sorted((s for rank in per_rank for s in rank), key=lambda s: s["index"])
+    with path.open("w", encoding="utf-8") as f:
+        for s in rows:
+            e = examples[s["index"]]
+            f.write(json.dumps({"prompt": e.prompt, "target": e.target, **s}) + "\n")
 
 
 def _run_record(cfg: RunConfig, run_dir: Path, dist: DistInfo, strategy: str) -> dict[str, Any]:
@@ -275,7 +291,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             return RunResult(summary={"stopped_at_step": step}, model=model, losses=losses,
                              stopped=True)
 
-    after = _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast) if eval_examples else {}
+    after = (_evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast,
+                       run_dir / "eval_samples.jsonl") if eval_examples else {})
     if after:
         logger.log(step, after)
     state.update(tokens_seen=tokens_seen, train_time_s=train_time, sampler=sampler.state_dict(step),

@@ -69,4 +69,5 @@ def two_rank_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "ddp"
     proc = orchestrate("train", f"run.dir={run_dir}", "launcher.nproc_per_node=2", *FAST)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir.parent / "ddp.stdout").write_text(proc.stdout)  # the launcher's console, for tests
     return run_dir

@@ -20,6 +20,7 @@ from ..config import DataConfig
 from .cache import ExampleSet, cache_root, fingerprint, lookup, store
 from .collate import collate, collate_packed, model_inputs, pack_rows
 from .formats import check_messages, format_alpaca, format_row
+from .prompt import prepare_prompt, prompt_row
 from .sampler import StepSampler, eval_shard
 from .sources import DataError, Rows, bad_row, data_files, read_rows
 from .tokenize import IGNORE_INDEX, Example, LengthError, tokenize
@@ -27,7 +28,7 @@ from .tokenize import IGNORE_INDEX, Example, LengthError, tokenize
 __all__ = [
     "IGNORE_INDEX", "DataError", "Example", "ExampleSet", "Splits", "StepSampler", "check_rows",
     "collate", "collate_packed", "eval_shard", "format_alpaca", "load_examples", "load_splits",
-    "model_inputs", "pack_rows", "prepare", "read_rows",
+    "model_inputs", "pack_rows", "prepare", "prepare_prompt", "prompt_row", "read_rows",
 ]
 
 

@@ -1,0 +1,50 @@
+"""A user's prompt -> the ids generation starts from, through the same formatting and
+tokenization as training rows (so `orchestrate generate` asks the model in its trained format)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from ..config import DataConfig
+from .formats import format_row
+from .sources import DataError
+from .tokenize import tokenize
+
+# Generation is not bound by the training length; the model's own context limit applies.
+_NO_LIMIT = 1 << 30
+
+
+def prompt_row(cfg: DataConfig, prompt: str, input_text: str = "",
+               history: Optional[list[dict]] = None) -> dict:
+    """A row in the run's format from a typed prompt. alpaca: the instruction (and its input);
+    chat: the next user turn after ``history``; text: the text to continue."""
+    if cfg.format == "alpaca":
+        return {cfg.instruction_field: prompt, cfg.input_field: input_text}
+    if cfg.format == "chat":
+        return {cfg.messages_field: [*(history or []), {"role": "user", "content": prompt}]}
+    return {cfg.text_field: prompt}
+
+
+def prepare_prompt(cfg: DataConfig, tokenizer, row: dict, where: str = "prompt") -> list[int]:
+    """The ids of a row in the run's format, up to where its response starts. The response is
+    replaced by an empty one, so the run's formatter places the boundary exactly where training
+    put it (a chat row's trailing assistant turn, if any, is what gets answered again)."""
+    if cfg.format == "text":
+        text = row.get(cfg.text_field)
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {cfg.text_field!r} must be a string")
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+    row = dict(row)
+    if cfg.format == "alpaca":
+        row[cfg.output_field] = ""
+    else:
+        messages = row.get(cfg.messages_field)
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field {cfg.messages_field!r} must be a non-empty list of messages")
+        if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        row[cfg.messages_field] = [*messages, {"role": "assistant", "content": ""}]
+    settings = dataclasses.replace(cfg, max_seq_len=_NO_LIMIT, train_on_prompt=False)
+    example, _ = tokenize(format_row(row, settings, where, tokenizer), tokenizer, settings, where)
+    return list(example.prompt_ids)
