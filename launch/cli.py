@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from launch.prepare import (
-    UsageError, build_config, check_world, compose, preflight, prepare_run_dir, world_size,
+    UsageError, build_config, check_world, compose, layout, preflight, prepare_run_dir, world_size,
 )
 
 USAGE = """usage: orchestrate COMMAND [ARGS]
@@ -76,6 +76,9 @@ def cmd_train(args: list[str]) -> int:
     cfg = build_config(args)
     preflight(cfg)
     run_dir = prepare_run_dir(cfg, args)
+    if layout(cfg):
+        print(f"strategy=fsdp: {layout(cfg)}", file=sys.stderr if getattr(cfg.launcher, "dry_run", False)
+              else sys.stdout, flush=True)
     if cfg.launcher.name == "slurm":
         from launch.slurm import SlurmError, submit
 

@@ -155,12 +155,33 @@ def world_size(cfg) -> int:
     return launcher.nproc_per_node or default_nproc()
 
 
+def ranks_per_node(cfg) -> int:
+    if cfg.launcher.name == "slurm":
+        from launch.slurm import ranks_per_node as slurm_ranks
+
+        return slurm_ranks(cfg.launcher)
+    return world_size(cfg)
+
+
 def check_world(cfg) -> None:
     from orchestrator.config import ConfigError, accumulation_steps
 
     try:
         accumulation_steps(cfg, world_size(cfg))
     except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    layout(cfg)
+
+
+def layout(cfg) -> Optional[str]:
+    """How FSDP lays the ranks out (printed before launch); None for other strategies."""
+    if cfg.strategy.name != "fsdp":
+        return None
+    from orchestrator.strategies.mesh import MeshError, describe
+
+    try:
+        return describe(cfg.strategy.replicate, world_size(cfg), ranks_per_node(cfg))
+    except MeshError as exc:
         raise UsageError(str(exc)) from exc
 
 

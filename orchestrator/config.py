@@ -175,6 +175,11 @@ class FSDPConfig(StrategyConfig):
     cpu_offload: bool = False
     # Gather parameters in the compute dtype and reduce gradients in fp32.
     mixed_precision: bool = False
+    # HSDP: shard within groups of world/replicate ranks and replicate across the groups, so
+    # base all-gathers stay inside a node and only adapter gradients cross nodes. 0 (auto): one
+    # group per node, derived by each rank from the job's shape (WORLD_SIZE / LOCAL_WORLD_SIZE),
+    # so a resume on another node count re-derives it; 1: shard over all ranks (plain FSDP).
+    replicate: int = 0
 
 
 @dataclass
@@ -465,6 +470,9 @@ def validate(cfg: RunConfig) -> None:
             "trainer.on_nonfinite='skip' is not supported with strategy=deepspeed (its engine "
             "applies the step itself); use stop"
         )
+    if cfg.strategy.name == "fsdp" and cfg.strategy.replicate < 0:
+        raise ConfigError(f"strategy.replicate={cfg.strategy.replicate} is not allowed; it must be "
+                          ">= 0 (0: one replica per node, 1: shard over all ranks)")
     if getattr(cfg.strategy, "shard_base", False) and cfg.quant.storage_dtype == "uint8":
         raise ConfigError(
             "quant.storage_dtype='uint8' cannot be sharded with strategy.shard_base=true; "

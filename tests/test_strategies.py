@@ -125,3 +125,31 @@ def test_resume_in_new_process_is_exact(runs, name, tmp_path) -> None:
     for a, b in zip(resumed, full):
         assert abs(a - b) <= tol * max(1.0, abs(b)), (resumed, full)
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_hsdp_matches_ddp_holds_half_and_resumes_on_fewer_ranks(runs, tmp_path) -> None:
+    """HSDP on 4 ranks as 2 replica groups x 2 shards (the layout of 2 nodes x 2 GPUs): the same
+    losses as DDP and as FSDP over 2 ranks, each rank holding half the base; stopped at step 3,
+    it resumes on 2 ranks (a 2 x 1 mesh: the checkpoint is resharded) with the same losses."""
+    run_dir = tmp_path / "hsdp"
+    hsdp = ["strategy=fsdp", "strategy.shard_base=true", "strategy.replicate=2"]
+    four = [a for a in COMMON if not a.startswith("launcher.nproc_per_node")]
+    proc = orchestrate("train", f"run.dir={run_dir}", "launcher.nproc_per_node=4", *four, *hsdp)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "HSDP: 2 replica groups x 2 shards" in proc.stdout
+    losses, ref = _losses(run_dir), _losses(runs["ddp"])
+    assert len(losses) == 6
+    for a, b in zip(losses, ref):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (losses, ref)
+    held = [h["base_bytes"] for h in json.loads((run_dir / "summary.json").read_text())["holdings_bytes"]]
+    half = json.loads((runs["fsdp_shard_base"] / "summary.json").read_text())["holdings_bytes"][0]["base_bytes"]
+    assert len(held) == 4 and all(abs(b - half) <= 0.01 * half for b in held), (held, half)
+
+    rewind(run_dir, 3)
+    proc = orchestrate("train", f"run.dir={run_dir}", *COMMON, *hsdp)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resuming at step 3" in proc.stderr
+    resumed = _losses(run_dir)
+    assert len(resumed) == 6
+    for a, b in zip(resumed, losses):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (resumed, losses)

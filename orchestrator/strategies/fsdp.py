@@ -1,4 +1,5 @@
-"""FSDP2: ``fully_shard`` per decoder layer plus the root, over a 1-D device mesh.
+"""FSDP2: ``fully_shard`` per decoder layer plus the root, over a 1-D device mesh, or a 2-D one
+(replicate x shard, HSDP) with ``replicate`` groups (mesh.py says why).
 
 Two modes:
 - ``shard_base=false``: the frozen 4-bit base is left out of FSDP (``ignored_params``), so
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..config import LoraConfig, ModelConfig, QuantConfig
 from .base import Strategy
+from .mesh import build_mesh
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -60,7 +62,6 @@ class FSDPStrategy(Strategy):
         return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import (
             CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
         )
@@ -69,7 +70,7 @@ class FSDPStrategy(Strategy):
 
         if not dist.is_initialized():
             raise RuntimeError("strategy=fsdp needs a process group; launch with torchrun")
-        mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
+        mesh = build_mesh(self.dist.device.type, self.cfg.replicate, self.dist.world_size)
         hf_model = model.base_model.model  # PeftModel -> LoraModel -> transformers model
         ignored = None
         if not self.cfg.shard_base:
