@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, faults
+from . import checkpoint, commcount, faults
 from .config import RunConfig, accumulation_steps, to_container
 from .data import StepSampler, collate, collate_packed, describe, load_splits, model_inputs
 from .distributed import (
@@ -149,6 +149,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         enabled=compute_dtype != torch.float32,
     )
     seed_everything(t.seed)  # same on every rank: identical LoRA init without a broadcast
+    commcount.install(dist.rank)  # only with ORCHESTRATOR_COMM_LOG set (planner checks)
     strategy = build_strategy(cfg.strategy, dist, compute_dtype)
     tokenizer = load_tokenizer(cfg.model)
     model = strategy.load_model(cfg.model, cfg.quant, cfg.lora)
