@@ -48,8 +48,12 @@ def git_commit(repo: Path | None = None) -> str | None:
 def code_info() -> dict[str, Any]:
     """Version, commit and where the code ran from: for summary.json and W&B's run config."""
     commit = git_commit()
-    source = (f"git checkout {CODE_ROOT}" if commit else
-              f"installed package in {CODE_ROOT} (not a git checkout: no commit to record)")
+    if commit:
+        source = f"git checkout {CODE_ROOT}"
+    elif (CODE_ROOT / ".git").exists():
+        source = f"git checkout {CODE_ROOT} (git could not read its commit)"
+    else:
+        source = f"installed package in {CODE_ROOT} (not a git checkout: no commit to record)"
     return {"version": __version__, "git_commit": commit, "code_source": source}
 
 

@@ -113,8 +113,8 @@ def test_wheel_holds_every_module_and_the_config_tree_and_templates(installed) -
     expected |= {f"launch/_slurm/{p.name}" for p in (ROOT / "slurm").iterdir() if p.is_file()}
     # Every module (a package added later too) and every embedded asset.
     for top in ("orchestrator", "launch"):
-        expected |= {str(p.relative_to(ROOT)) for p in (ROOT / top).rglob("*")
-                     if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+        expected |= {str(p.relative_to(ROOT)) for p in (ROOT / top).rglob("*") if p.is_file()
+                     and (p.suffix == ".py" or "assets" in p.parts) and "__pycache__" not in p.parts}
     assert "orchestrator/_conf/model/tiny.yaml" in expected and "launch/_slurm/train.sbatch" in expected
     assert not expected - names, sorted(expected - names)[:10]
     assert not any(n.startswith(("conf/", "slurm/", "tests/")) for n in names)
