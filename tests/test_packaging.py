@@ -191,3 +191,29 @@ def test_typo_in_a_user_preset_is_one_line_naming_it(installed, user_conf) -> No
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert f"launcher.template='nope.sbatch': no such template (looked for {user_conf}/nope.sbatch" in missing.stderr
     assert set(installed.cwd.glob("runs/*")) == runs  # refused before a run directory exists
+
+
+def test_config_dirs_join_a_given_searchpath_and_odd_paths_survive(tmp_path) -> None:
+    """In-process (no wheel): --config-dir folds into hydra.searchpath, after the user's own
+    entries, with paths Hydra's grammar would otherwise split (spaces, quotes, commas)."""
+    from launch.config_dirs import expand, search_dirs
+    from launch.prepare import compose
+
+    odd, plain = tmp_path / "team's conf, v2", tmp_path / "plain"
+    for root, name in ((odd, "odd"), (plain, "plain")):
+        (root / "lora").mkdir(parents=True)
+        (root / "lora" / f"{name}.yaml").write_text(f"defaults: [default, _self_]\nr: {len(name)}\n")
+    args = expand(["--config-dir", str(odd), "lora=odd", f"hydra.searchpath=[file://{plain}]"])
+    assert args[0].startswith("hydra.searchpath=[") and len(args) == 2
+    assert search_dirs(args) == [plain, odd]
+    assert compose(args).lora.r == 3 and compose([args[0], "lora=plain"]).lora.r == 5
+
+
+def test_version_names_the_commit_in_a_clone(capsys) -> None:
+    from launch.cli import main
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"qlora-orchestrator {orchestrator.__version__} (git ") and str(ROOT) in out
