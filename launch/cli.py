@@ -19,7 +19,7 @@ from launch.prepare import (
     UsageError, build_config, check_world, compose, layout, preflight, prepare_run_dir, world_size,
 )
 
-USAGE = """usage: orchestrate COMMAND [ARGS]
+USAGE = """usage: orchestrate [--version] COMMAND [ARGS]
 
 commands:
   train [--cfg job] [KEY=VALUE ...]   compose conf/ with overrides and train (torchrun on this node)
@@ -41,19 +41,34 @@ commands:
                                       curves.png (train/eval loss, lr, tokens/s over steps; runs or
                                       a sweep's trials overlaid) and each finished run's table
 
+train and plan also take --config-dir DIR: your own config tree beside ours (presets under
+DIR/model/, DIR/launcher/, ...; sbatch templates by name relative to DIR); it is short for
+hydra.searchpath=[file://DIR]
+
 examples:
   orchestrate train                                    # embedded tiny model and data, 2 CPU ranks
   orchestrate train model.path=/models/llama-3-8b data.path=train.jsonl trainer.max_steps=1000
   orchestrate train --cfg job quant=none               # print the composed config, run nothing
+  orchestrate train --config-dir ~/team-conf launcher=our_cluster model=our_llama
   orchestrate train -m optim.lr=1e-4,3e-4 lora.r=8,16  # 2x2 grid sweep
   orchestrate train -m sweep=optuna sweep.n_trials=20  # Optuna search (conf/sweep/optuna.yaml)
   orchestrate plan model=llama3_70b strategy=fsdp strategy.shard_base=true \
       launcher.nproc_per_node=2 plan.gpu_memory_gb=24 # will it fit two 24 GB GPUs?
 """
 
+def _config_dirs(args: list[str]) -> list[str]:
+    from launch.config_dirs import ConfigDirError, expand
+
+    try:
+        return expand(args)
+    except ConfigDirError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def cmd_train(args: list[str]) -> int:
     from omegaconf import OmegaConf
 
+    args = _config_dirs(args)
     if "-m" in args or "--multirun" in args:
         from launch.sweep import run_sweep
 
@@ -106,6 +121,7 @@ def cmd_train(args: list[str]) -> int:
 
 def cmd_plan(args: list[str]) -> int:
     """Exit 0 when the run fits plan.gpu_memory_gb, 1 when it does not."""
+    args = _config_dirs(args)
     bad = [a for a in args if a.startswith("-")]
     if bad:
         raise UsageError(f"unknown option {bad[0]!r}; overrides are KEY=VALUE (see orchestrate --help)")
@@ -156,6 +172,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
+        return 0
+    if args[0] in ("--version", "-V"):
+        from orchestrator.runinfo import describe_code
+
+        print(describe_code())
         return 0
     command, rest = args[0], args[1:]
     from launch.generate import cmd_generate

@@ -25,6 +25,9 @@ class UsageError(Exception):
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
+    if len(text) > 1 and text[0].endswith(" raised while composing config:"):
+        # A bad key inside a preset: "In 'model/x': <Type> raised ...:" + the detail below it.
+        return text[0].rsplit(":", 2)[0] + ": " + text[1].strip()
     return text[0] if text else type(exc).__name__
 
 
@@ -81,9 +84,18 @@ def build_config(overrides: Sequence[str]):
     composed = compose(overrides)
     try:
         container = OmegaConf.to_container(composed, resolve=True)
-        return from_container(container)
+        cfg = from_container(container)
     except (ConfigError, OmegaConfBaseException) as exc:
         raise UsageError(_compose_error(exc)) from exc
+    if cfg.launcher.name == "slurm":  # a template name becomes the file it names, frozen
+        from launch.config_dirs import search_dirs
+        from launch.slurm import SlurmError, resolve_template
+
+        try:
+            cfg.launcher.template = str(resolve_template(cfg.launcher.template, search_dirs(overrides)))
+        except SlurmError as exc:
+            raise UsageError(str(exc)) from exc
+    return cfg
 
 
 def preflight(cfg) -> None:

@@ -14,22 +14,32 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+# A wheel carries the repository's slurm/ as launch/_slurm (setup.py); a clone and an editable
+# install read slurm/ at the top of the repository.
+_PACKAGED = Path(__file__).resolve().parent / "_slurm"
+SLURM_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "slurm"
 
 
 class SlurmError(RuntimeError):
     pass
 
 
-def _template_path(name: str) -> Path:
-    path = Path(name)
-    if not path.is_absolute() and not path.exists():
-        path = SLURM_DIR / name
-    if not path.exists():
-        raise SlurmError(f"launcher.template={name!r}: no such template (looked in {SLURM_DIR})")
-    return path
+def resolve_template(name: str, config_dirs: Sequence[Path] = ()) -> Path:
+    """The sbatch template ``launcher.template`` names: a path (absolute, or relative to the
+    current directory), else a name under one of the user's config directories, else one of
+    ours. The launcher freezes the result into config.yaml, so what rendered is on record."""
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.is_file():
+        candidates = [path]
+    else:
+        candidates = [d / name for d in config_dirs] + [SLURM_DIR / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    looked = ", ".join(str(c) for c in candidates)
+    raise SlurmError(f"launcher.template={name!r}: no such template (looked for {looked})")
 
 
 def ranks_per_node(launcher) -> int:
@@ -75,7 +85,7 @@ def render(cfg, run_dir: Path, array: Optional[JobArray] = None) -> str:
         env_vars[key] = value
     nproc = ranks_per_node(launcher)
     cpus = launcher.cpus_per_task
-    template = env.from_string(_template_path(launcher.template).read_text())
+    template = env.from_string(resolve_template(launcher.template).read_text())
     return template.render(
         job_name=launcher.job_name or run_dir.name,
         nodes=launcher.nodes,
@@ -122,8 +132,10 @@ def _write_script(cfg, run_dir: Path, array: Optional[JobArray] = None) -> Optio
 def _sbatch(path: Path) -> str:
     """Submit; returns the job id."""
     try:
+        # The job starts where the user submitted it (sbatch's default), as a local run does:
+        # relative paths mean the same, and an installed package's directory is not a workplace.
         out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ))
+                             env=dict(os.environ))
     except FileNotFoundError:
         raise SlurmError("sbatch not found: is this a Slurm login node?") from None
     if out.returncode != 0:

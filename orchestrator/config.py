@@ -19,7 +19,10 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# A wheel carries the repository's conf/ as orchestrator/_conf (setup.py); a clone and an
+# editable install read conf/ at the top of the repository.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "_conf"
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
 
 class ConfigError(ValueError):

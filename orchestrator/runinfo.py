@@ -2,6 +2,10 @@
 
 Goes into W&B's run config and the summary, so a number can be traced to the code and machine
 that produced it. Nothing from the environment is copied wholesale: secrets stay out.
+
+The code is named by its version always and by its git commit where it runs from a clone; an
+installed wheel has no commit, and the record says so rather than guessing (a git command run
+from site-packages would name whatever repository the environment happens to sit in).
 """
 
 from __future__ import annotations
@@ -10,16 +14,25 @@ import importlib.metadata
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from orchestrator import __version__
+
+if TYPE_CHECKING:
+    import torch
+
+CODE_ROOT = Path(__file__).resolve().parent.parent  # the clone, or site-packages for a wheel
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "deepspeed",
              "hydra-core", "wandb", "qlora-orchestrator")
 
 
 def git_commit(repo: Path | None = None) -> str | None:
-    repo = repo or Path(__file__).resolve().parent.parent
+    """HEAD of the clone the code runs from (``-dirty`` with uncommitted changes); None
+    where the code is not a git checkout's (an installed package)."""
+    repo = repo or CODE_ROOT
+    if not (repo / ".git").exists():  # a directory in a clone, a file in a worktree
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                              text=True, timeout=5)
@@ -30,6 +43,25 @@ def git_commit(repo: Path | None = None) -> str | None:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                            capture_output=True, text=True, timeout=5).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def code_info() -> dict[str, Any]:
+    """Version, commit and where the code ran from: for summary.json and W&B's run config."""
+    commit = git_commit()
+    if commit:
+        source = f"git checkout {CODE_ROOT}"
+    elif (CODE_ROOT / ".git").exists():
+        source = f"git checkout {CODE_ROOT} (git could not read its commit)"
+    else:
+        source = f"installed package in {CODE_ROOT} (not a git checkout: no commit to record)"
+    return {"version": __version__, "git_commit": commit, "code_source": source}
+
+
+def describe_code() -> str:
+    """One line for ``orchestrate --version``."""
+    commit = git_commit()
+    where = f"git {commit}, {CODE_ROOT}" if commit else f"installed in {CODE_ROOT}, no git checkout"
+    return f"qlora-orchestrator {__version__} ({where})"
 
 
 def library_versions() -> dict[str, str]:
@@ -53,6 +85,8 @@ def _cpu_model() -> str:
 
 
 def hardware(world_size: int, strategy: str) -> dict[str, Any]:
+    import torch
+
     info: dict[str, Any] = {"world_size": world_size, "strategy": strategy, "cpu": _cpu_model(),
                             "host": platform.node(), "python": platform.python_version()}
     if torch.cuda.is_available():
@@ -68,6 +102,8 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 
 def peak_flops(device: torch.device) -> float | None:
     """Peak FLOP/s of one device where it is known (GPUs by name); None on CPU."""
+    import torch
+
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

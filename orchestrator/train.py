@@ -31,7 +31,7 @@ from .distributed import (
 from .evaluate import eval_loss, exact_match, token_loss_sum
 from .metrics import build_logger
 from .preempt import StopRequest
-from .runinfo import git_commit, hardware, library_versions, peak_flops
+from .runinfo import code_info, hardware, library_versions, peak_flops
 from .model import base_linear_storage, count_parameters, load_tokenizer
 from .plan import MiB, PlanError, plan_for_run
 from .strategies import BatchPlan, build_strategy
@@ -94,7 +94,7 @@ def _run_record(cfg: RunConfig, run_dir: Path, dist: DistInfo, strategy: str) ->
     overrides_file = run_dir / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
     return {
-        **to_container(cfg), "overrides": overrides, "git_commit": git_commit(),
+        **to_container(cfg), "overrides": overrides, **code_info(),
         "versions": library_versions(), "hardware": hardware(dist.world_size, strategy),
     }
 
@@ -328,6 +328,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "holdings_bytes": holdings,
         "base_storage": base_storage,
         "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint},
+        **code_info(),  # version, git commit (None outside a clone) and where the code ran from
     }
     logger.close()
     if dist.is_main:

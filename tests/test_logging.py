@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import orchestrator
 from conftest import FAST, orchestrate, read_metrics, rewind
 from wandb_reader import read_config, read_history, run_ids
 
@@ -70,7 +71,7 @@ def test_wandb_run_config_records_provenance(wandb_run) -> None:
     assert "logger.wandb.group=g1" in config["overrides"]
     assert config["hardware"]["world_size"] == 2 and config["hardware"]["cpu"]
     assert "torch" in config["versions"] and "peft" in config["versions"]
-    assert config["git_commit"]
+    assert config["git_commit"] and config["version"] == orchestrator.__version__
 
 
 def test_secrets_never_written(wandb_run) -> None:
