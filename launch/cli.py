@@ -134,7 +134,21 @@ def cmd_plan(args: list[str]) -> int:
     except PlanError as exc:
         raise UsageError(str(exc)) from exc
     print(text)
+    print()
+    print(comm_section(cfg))
     return 0 if fits else 1
+
+
+def comm_section(cfg) -> str:
+    """What each rank sends per step, intra- and inter-node, and how long that takes at least."""
+    from orchestrator.comm_plan import comm_plan_for_run, compute_seconds, format_comm
+    from launch.prepare import ranks_per_node
+
+    world = world_size(cfg)
+    plan = comm_plan_for_run(cfg, world, ranks_per_node(cfg))
+    p = cfg.plan
+    compute = compute_seconds(cfg, world, p.gpu_tflops) if p.device == "cuda" else None
+    return format_comm(plan, p.intra_node_gb_per_s, p.inter_node_gbit_per_s, compute)
 
 
 def cmd_merge(args: list[str]) -> int:

@@ -315,6 +315,13 @@ class PlanConfig:
     # runtime's measured resident size plus the host allocator's retention on cpu
     # (orchestrator/plan.py). A value given here replaces both.
     overhead_gb: Optional[float] = None
+    # Links for the communication plan: GPU-to-GPU inside a node in GB/s per GPU (900: NVLink 4
+    # on H100/H200 SXM; ~64 for PCIe 5 x16) and between nodes in Gb/s per GPU (400: one NDR
+    # InfiniBand or 400G RoCE NIC per GPU; 200 HDR; 100 on many Ethernet clusters).
+    intra_node_gb_per_s: float = 900.0
+    inter_node_gbit_per_s: float = 400.0
+    # Peak dense bf16 TFLOP/s of one GPU, for the compute lower bound (989: H100/H200 SXM).
+    gpu_tflops: float = 989.0
 
 
 @dataclass
@@ -425,7 +432,8 @@ def validate(cfg: RunConfig) -> None:
     for key in ("lora.r", "lora.alpha", "data.max_seq_len", "trainer.global_batch_size",
                 "trainer.micro_batch_size", "trainer.eval_batch_size", "optim.lr",
                 "trainer.eval_max_new_tokens", "logger.every_n_steps", "sweep.n_trials",
-                "plan.gpu_memory_gb"):
+                "plan.gpu_memory_gb", "plan.intra_node_gb_per_s", "plan.inter_node_gbit_per_s",
+                "plan.gpu_tflops"):
         positive(key)
     for key in ("trainer.eval_every", "trainer.save_every", "trainer.eval_generate_examples",
                 "optim.warmup_steps", "optim.weight_decay", "trainer.max_grad_norm",

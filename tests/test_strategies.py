@@ -42,7 +42,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, overrides in STRATEGIES.items():
         run_dir = root / name
-        proc = orchestrate("train", f"run.dir={run_dir}", *COMMON, *overrides)
+        proc = orchestrate("train", f"run.dir={run_dir}", *COMMON, *overrides,
+                           env={"ORCHESTRATOR_COMM_LOG": str(run_dir / "comm")})
         assert proc.returncode == 0, f"{name}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         out[name] = run_dir
     return out
@@ -127,6 +128,32 @@ def test_resume_in_new_process_is_exact(runs, name, tmp_path) -> None:
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
 
 
+def _counted(run_dir: Path, rank: int = 0) -> tuple[float, float]:
+    """Median (intra, inter) bytes a rank sent per step, from steps 2 on (step 1 also carries
+    loading's broadcasts; a checkpoint's collectives land in the step after it)."""
+    rows = [json.loads(line) for line in (run_dir / f"comm.rank{rank}.jsonl").read_text().splitlines()][1:]
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return med([r["intra"] for r in rows]), med([r["inter"] for r in rows])
+
+
+def _plan_of(run_dir: Path, world: int, ranks_per_node: int):
+    import yaml
+
+    from orchestrator.comm_plan import comm_plan_for_run
+    from orchestrator.config import from_container
+
+    cfg = from_container(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    return comm_plan_for_run(cfg, world, ranks_per_node)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_communication_plan_matches_counted_traffic(runs, name) -> None:
+    plan = _plan_of(runs[name], 2, 2)
+    intra, inter = _counted(runs[name])
+    assert inter == 0 and plan.inter == 0
+    assert abs(intra - plan.intra) <= 0.05 * plan.intra, (name, intra, plan.intra, plan.collectives)
+
+
 def test_hsdp_matches_ddp_holds_half_and_resumes_on_fewer_ranks(runs, tmp_path) -> None:
     """HSDP on 4 ranks as 2 replica groups x 2 shards (the layout of 2 nodes x 2 GPUs): the same
     losses as DDP and as FSDP over 2 ranks, each rank holding half the base; stopped at step 3,
@@ -134,9 +161,15 @@ def test_hsdp_matches_ddp_holds_half_and_resumes_on_fewer_ranks(runs, tmp_path) 
     run_dir = tmp_path / "hsdp"
     hsdp = ["strategy=fsdp", "strategy.shard_base=true", "strategy.replicate=2"]
     four = [a for a in COMMON if not a.startswith("launcher.nproc_per_node")]
-    proc = orchestrate("train", f"run.dir={run_dir}", "launcher.nproc_per_node=4", *four, *hsdp)
+    # Traffic counted as if ranks 0-1 and 2-3 were two nodes: only the replica all-reduce crosses.
+    proc = orchestrate("train", f"run.dir={run_dir}", "launcher.nproc_per_node=4", *four, *hsdp,
+                       env={"ORCHESTRATOR_COMM_LOG": str(run_dir / "comm"), "ORCHESTRATOR_RANKS_PER_NODE": "2"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "HSDP: 2 replica groups x 2 shards" in proc.stdout
+    plan = _plan_of(run_dir, 4, 2)
+    intra, inter = _counted(run_dir)
+    assert abs(intra - plan.intra) <= 0.05 * plan.intra, (intra, plan.collectives)
+    assert 0 < plan.inter < plan.intra and abs(inter - plan.inter) <= 0.05 * plan.inter, (inter, plan.collectives)
     losses, ref = _losses(run_dir), _losses(runs["ddp"])
     assert len(losses) == 6
     for a, b in zip(losses, ref):
