@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from .oneline import brief
+
 _log = logging.getLogger("orchestrator")
 
 
@@ -122,8 +124,7 @@ def _name(sink: Sink) -> str:
 
 
 def _warn_failed(sink: Sink, when: str, exc: BaseException, others: list[Sink]) -> None:
-    lines = str(exc).strip().splitlines()
-    what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    what = brief(exc)
     recovery = getattr(sink, "recovery", "")
     _log.warning("warning: %s logging failed %s (%s)%s; %s", _name(sink), when, what,
                  f"; {recovery}" if recovery else "", _going_on(others))
@@ -157,6 +158,5 @@ def build_logger(cfg, run_dir: Path, is_main: bool, total_steps: int, start_step
             try:
                 sinks.append(WandbSink(cfg.logger.wandb, run_dir, run_config or {}))
             except Exception as exc:
-                _log.warning("warning: W&B could not start (%s: %s); %s", type(exc).__name__,
-                             (str(exc).strip().splitlines() or [""])[0], _going_on(sinks))
+                _log.warning("warning: W&B could not start (%s); %s", brief(exc), _going_on(sinks))
     return Logger(sinks)

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import faults
 from .netprobe import probe
+from .oneline import brief
 
 log = logging.getLogger("orchestrator")
 
@@ -90,11 +91,6 @@ def _run_id(run_dir: Path) -> str:
     return run_id
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 class WandbSink:
     """Weights & Biases on rank 0 (online when it can, else offline in ``run_dir/wandb``)."""
 
@@ -124,7 +120,7 @@ class WandbSink:
                 log.info("W&B run %s: %s", self.run_id, getattr(self.run, "url", None) or url)
                 return
             except Exception as exc:  # CommError, timeouts, auth errors: all mean "not online"
-                reason = _first_line(exc)
+                reason = brief(exc)
                 self._forget_failed_online_attempt(before)
         self.run = self._init("offline")
         log.warning(
