@@ -55,6 +55,7 @@ def resolve_mode(requested: str) -> str:
     if requested != "auto":
         return requested
     env = os.environ.get("WANDB_MODE", "").strip().lower()
+    env = {"run": "online", "dryrun": "offline"}.get(env, env)  # wandb's old names
     if env in ("online", "offline", "disabled"):
         return env
     return "online" if has_api_key() else "offline"
@@ -108,12 +109,15 @@ class WandbSink:
         mode = resolve_mode(wandb_cfg.mode)
         if mode != "online":
             self.run = self._init(mode)
-            log.info("W&B %s run %s in %s (upload it later with: wandb sync %s)", mode,
-                     self.run_id, self.sync_dir, self.sync_dir)
+            if mode == "offline":
+                log.info("W&B offline run %s in %s (upload it later with: wandb sync %s)",
+                         self.run_id, self.sync_dir, self.sync_dir)
             return
         url = base_url()
         reason = probe(url, wandb_cfg.probe_timeout_s)
+        what = "unreachable"
         if reason is None:
+            what = "did not start an online run"
             before = set((run_dir / "wandb").glob(f"run-*-{self.run_id}"))
             try:
                 self.run = self._init("online")
@@ -124,9 +128,9 @@ class WandbSink:
                 self._forget_failed_online_attempt(before)
         self.run = self._init("offline")
         log.warning(
-            "warning: W&B server %s unreachable (%s); after %.1f s of trying, logging to an "
-            "offline W&B run with the same id %s instead; upload it later with: wandb sync %s",
-            url, reason, time.monotonic() - started, self.run_id, self.sync_dir)
+            "warning: W&B server %s %s (%s); after %.1f s of trying, logging to an offline W&B "
+            "run with the same id %s instead; upload it later with: wandb sync %s",
+            url, what, reason, time.monotonic() - started, self.run_id, self.sync_dir)
 
     @property
     def sync_dir(self) -> str:

@@ -24,7 +24,8 @@ TINY = [
     "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "trainer.eval_generate_examples=0",
     "logger.console=false",
 ]
-FALLBACK = re.compile(r"W&B server (\S+) unreachable \((.*?)\); after ([\d.]+) s of trying")
+FALLBACK = re.compile(r"W&B server (\S+) (?:unreachable|did not start an online run) \((.*)\); "
+                      r"after ([\d.]+) s of trying")
 
 
 def _offline_files(run_dir: Path) -> list[Path]:
@@ -36,8 +37,8 @@ def _assert_fell_back(proc, run_dir: Path, url: str) -> float:
     id, said so in one warning naming `wandb sync`; returns the extra start-up seconds."""
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    warnings = [line for line in output.splitlines() if "unreachable" in line]
-    assert len(warnings) == 1, warnings
+    warnings = [line for line in output.splitlines() if "W&B server" in line]
+    assert len(warnings) == 1 and "unreachable" in warnings[0], warnings
     match = FALLBACK.search(warnings[0])
     assert match and match.group(1) == url, warnings[0]
     files = _offline_files(run_dir)
@@ -54,6 +55,10 @@ def _assert_fell_back(proc, run_dir: Path, url: str) -> float:
             if key in record:
                 assert logged[record["step"]][key] == pytest.approx(record[key], rel=1e-12)
     assert (run_dir / "summary.json").exists() and (run_dir / "adapter").is_dir()
+    assert KEY not in output
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
     return float(match.group(3))
 
 
@@ -134,7 +139,8 @@ def test_init_that_hangs_after_probe_falls_back_with_same_id(tmp_path, monkeypat
     sink.log(1, {"loss": 2.5})
     sink.close()
     (warning,) = [r.getMessage() for r in caplog.records
-                  if r.name == "orchestrator" and "unreachable" in r.getMessage()]
+                  if r.name == "orchestrator" and "W&B server" in r.getMessage()]
+    assert FALLBACK.search(warning) and "did not start an online run (CommError" in warning
     assert "keepid01" in warning and "wandb sync" in warning
     assert elapsed < 60
     (file,) = _offline_files(tmp_path)
