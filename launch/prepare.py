@@ -112,6 +112,7 @@ def preflight(cfg) -> None:
             "model.path=/path/to/the/downloaded/model"
         )
     check_world(cfg)
+    _check_wandb(cfg)
     if model_dir.exists():
         _check_tokenizer(cfg, model_dir)
     missing = _missing_packages(cfg.strategy.name)
@@ -121,6 +122,16 @@ def preflight(cfg) -> None:
             f"(pip install -e '.[{missing}]')"
         )
     _prepare_data(cfg)
+
+
+def _check_wandb(cfg) -> None:
+    """``logger.wandb.mode=online`` with no reachable server would only fall back to offline
+    inside the ranks; the user asked for online, so say it here, in a few seconds."""
+    from orchestrator.wandb_sink import preflight_problem
+
+    problem = preflight_problem(cfg.logger.wandb)
+    if problem:
+        raise UsageError(problem)
 
 
 def _prepare_data(cfg) -> None:

@@ -260,6 +260,12 @@ class WandbConfig:
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     job_type: str = "train"
+    # Start-up and finish never stop training (orchestrator/wandb_sink.py): seconds to wait for
+    # the server to answer at all, for an online wandb.init (then: an offline run with the
+    # same id, to `wandb sync` later), and for the upload at the end (the rest stays on disk).
+    probe_timeout_s: float = 5.0
+    init_timeout_s: float = 20.0
+    finish_timeout_s: float = 60.0
 
 
 @dataclass
@@ -439,6 +445,9 @@ def validate(cfg: RunConfig) -> None:
                 "optim.warmup_steps", "optim.weight_decay", "trainer.max_grad_norm",
                 "trainer.keep_last_n"):
         positive(key, allow_zero=True)
+    for key in ("logger.wandb.probe_timeout_s", "logger.wandb.init_timeout_s",
+                "logger.wandb.finish_timeout_s"):
+        positive(key)
     if cfg.plan.overhead_gb is not None:
         positive("plan.overhead_gb", allow_zero=True)
     if not 0.0 <= cfg.data.eval_fraction < 1.0:

@@ -57,6 +57,7 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     Outside a launcher (a test calling ``run`` in-process) no process group is created and every
     collective helper below degrades to the identity.
     """
+    set_phase("process group start-up (rendezvous)")
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -85,6 +86,7 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
 
 
 def shutdown() -> None:
+    set_phase("shutdown (final barrier: every rank, rank 0 after its W&B upload)")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

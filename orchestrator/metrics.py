@@ -2,15 +2,21 @@
 
 Only rank 0 builds sinks; every other rank gets a logger with none, so the loop never checks
 ranks. Adding a sink (TensorBoard, say) is one small class with ``log`` and ``close``.
+Sinks fail soft (DESIGN.md): the loop never sees their errors.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from .oneline import brief
+
+_log = logging.getLogger("orchestrator")
 
 
 class Sink(Protocol):
@@ -30,6 +36,8 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
 
 class JsonlSink:
     """``metrics.jsonl``: one object per logged step, appended so a resumed run continues it."""
+
+    name = "metrics.jsonl"
 
     def __init__(self, path: Path, resume_from_step: int = 0):
         self.path = path
@@ -55,6 +63,8 @@ class JsonlSink:
 class ConsoleSink:
     """A tqdm progress bar with loss, tokens/s and ETA; eval results printed as lines."""
 
+    name = "console"
+
     def __init__(self, total_steps: int, start_step: int = 0):
         from tqdm import tqdm
 
@@ -79,81 +89,57 @@ class ConsoleSink:
         self.bar.close()
 
 
-def wandb_mode(requested: str) -> str:
-    """auto: online when an API key is configured (env or netrc), offline otherwise."""
-    if requested != "auto":
-        return requested
-    import os
-
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        import netrc
-
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
-    except (OSError, netrc.NetrcParseError):
-        pass
-    return "offline"
-
-
-def _new_run_id() -> str:
-    import secrets
-    import string
-
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-
-
-class WandbSink:
-    """Weights & Biases on rank 0. The run id lives in ``run_dir/wandb_run_id`` so a resumed or
-    requeued run continues the same W&B run instead of starting a new one."""
-
-    ID_FILE = "wandb_run_id"
-
-    def __init__(self, cfg, run_dir: Path, run_config: dict[str, Any]):
-        import wandb
-
-        w = cfg.logger.wandb
-        id_file = run_dir / self.ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id()
-        id_file.write_text(run_id + "\n")
-        self.run = wandb.init(
-            project=w.project, entity=w.entity, name=w.name or run_dir.name, group=w.group,
-            tags=list(w.tags), job_type=w.job_type, mode=wandb_mode(w.mode), dir=str(run_dir),
-            id=run_id, resume="allow", config=run_config,
-            settings=wandb.Settings(console="off", x_disable_stats=True, quiet=True),
-        )
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        flat = {}
-        for k, v in metrics.items():
-            if isinstance(v, list):  # per-rank lists -> one series per rank
-                flat.update({f"{k}/rank{i}": x for i, x in enumerate(v)})
-            else:
-                flat[k] = v
-        self.run.log(flat, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
 class Logger:
+    """Hands each record to every sink. Logging is there to report on training, never to end
+    it: a sink that raises is dropped with one warning line (and closed, so it keeps what it
+    already has) and the others go on; a sink that fails to close is a warning too."""
+
     def __init__(self, sinks: list[Sink]):
-        self.sinks = sinks
+        self.sinks = list(sinks)
         self.started = time.time()
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        for sink in self.sinks:
-            sink.log(step, metrics)
+        for sink in list(self.sinks):
+            try:
+                sink.log(step, metrics)
+            except Exception as exc:
+                self.sinks.remove(sink)
+                _warn_failed(sink, f"at step {step}", exc, self.sinks)
+                try:
+                    sink.close()
+                except Exception as close_exc:
+                    _log.debug("closing the failed %s sink: %s", _name(sink), close_exc)
 
     def close(self) -> None:
         for sink in self.sinks:
-            sink.close()
+            try:
+                sink.close()
+            except Exception as exc:
+                _warn_failed(sink, "at finish", exc, [])
+        self.sinks = []
+
+
+def _name(sink: Sink) -> str:
+    return getattr(sink, "name", type(sink).__name__)
+
+
+def _warn_failed(sink: Sink, when: str, exc: BaseException, others: list[Sink]) -> None:
+    what = brief(exc)
+    recovery = getattr(sink, "recovery", "")
+    _log.warning("warning: %s logging failed %s (%s)%s; %s", _name(sink), when, what,
+                 f"; {recovery}" if recovery else "", _going_on(others))
+
+
+def _going_on(others: list[Sink]) -> str:
+    if not others:
+        return "training is unaffected"
+    return f"training goes on, metrics still go to {', '.join(_name(s) for s in others)}"
 
 
 def build_logger(cfg, run_dir: Path, is_main: bool, total_steps: int, start_step: int,
                  run_config: dict[str, Any] | None = None) -> Logger:
-    """Sinks for rank 0 per ``cfg.logger``; an empty logger elsewhere."""
+    """Sinks for rank 0 per ``cfg.logger``; an empty logger elsewhere. A sink that cannot
+    start is left out with a warning: the run goes on with the others."""
     if not is_main:
         return Logger([])
     sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl", resume_from_step=start_step)]
@@ -161,12 +147,16 @@ def build_logger(cfg, run_dir: Path, is_main: bool, total_steps: int, start_step
         sinks.append(ConsoleSink(total_steps, start_step))
     if cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled":
         import importlib.util
-        import logging
 
         if importlib.util.find_spec("wandb") is None:
-            logging.getLogger("orchestrator").warning(
+            _log.warning(
                 "logger.wandb.enabled=true but wandb is not installed (pip install -e '.[wandb]'); "
                 "logging to the console and metrics.jsonl only")
         else:
-            sinks.append(WandbSink(cfg, run_dir, run_config or {}))
+            from .wandb_sink import WandbSink
+
+            try:
+                sinks.append(WandbSink(cfg.logger.wandb, run_dir, run_config or {}))
+            except Exception as exc:
+                _log.warning("warning: W&B could not start (%s); %s", brief(exc), _going_on(sinks))
     return Logger(sinks)

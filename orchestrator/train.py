@@ -151,6 +151,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     seed_everything(t.seed)  # same on every rank: identical LoRA init without a broadcast
     commcount.install(dist.rank)  # only with ORCHESTRATOR_COMM_LOG set (planner checks)
     strategy = build_strategy(cfg.strategy, dist, compute_dtype)
+    set_phase("model loading (tokenizer, base weights, quantization, LoRA)")
     tokenizer = load_tokenizer(cfg.model)
     model = strategy.load_model(cfg.model, cfg.quant, cfg.lora)
     base_storage = base_linear_storage(model)  # before any sharding
@@ -166,6 +167,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
                           dist.world_size, dist.rank, t.seed, fingerprint=splits.fingerprint)
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch
+    set_phase("strategy setup (wrapping the model, building the optimizer)")
     strategy.setup(model, cfg.optim, total_steps, BatchPlan(t.micro_batch_size, accum, t.max_grad_norm))
     # Start-up peak per rank (model loaded, quantized and sharded): what low-memory loading saves.
     load_peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
@@ -174,12 +176,14 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     start_step = 0
     resume_from = checkpoint.latest(run_dir) if cfg.run.resume else None
     if resume_from is not None:
+        set_phase(f"checkpoint load ({resume_from})")
         state = checkpoint.load(resume_from, strategy, dist)
         start_step = state["step"]
         sampler.load_state_dict(state.get("sampler"), start_step)
     else:
         seed_everything(t.seed + dist.rank)  # per-rank dropout streams
 
+    set_phase("logger start-up (W&B on rank 0)")
     logger = build_logger(cfg, run_dir, dist.is_main, total_steps, start_step,
                           run_config=_run_record(cfg, run_dir, dist, strategy.name))
     # MFU estimate: a frozen base costs ~2N FLOPs per token forward and ~2N backward (input
@@ -251,6 +255,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             skipped += 1
             if dist.is_main:
                 log.warning("non-finite %s at step %d: update skipped (%d so far)", what, step, skipped)
+        set_phase(f"step {step} metrics gather")
         dt = time.perf_counter() - t0
         if not holdings:  # after the first step, when the optimizer state exists
             holdings = _report_holdings(strategy)
@@ -278,6 +283,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             logger.log(step, metrics)
         if t.eval_every and step % t.eval_every == 0 and not is_last and eval_examples:
             logger.log(step, _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast))
+        set_phase(f"step {step} stop-request check (all-reduce)")
         periodic = bool(t.save_every) and step % t.save_every == 0 and not is_last
         stopping = not is_last and stop.agreed()
         if periodic or stopping:
@@ -300,6 +306,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
                  train_loss_last=losses[-1] if losses else state.get("train_loss_last"))
     if step > start_step:
         checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
+    set_phase("adapter export")
     strategy.save_adapter(run_dir / "adapter")
     peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
     if dist.is_main:
@@ -330,7 +337,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint},
         **code_info(),  # version, git commit (None outside a clone) and where the code ran from
     }
-    logger.close()
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    set_phase("logger finish (W&B upload on rank 0)")
+    logger.close()  # after the results are on disk: a slow upload must not hold them back
     return RunResult(summary=summary, model=model, losses=losses)
