@@ -115,11 +115,11 @@ def _log_memory(planned: float | None, peaks: list[float]) -> None:
                      measured, 100.0 * (planned - measured) / measured)
 
 
-def _save(logger, *args) -> None:
-    """A checkpoint that cannot be written stops the run on every rank (CheckpointWriteError);
-    the sinks are closed first so that what was logged up to here is kept."""
+def _write(logger, write, *args) -> None:
+    """A checkpoint or adapter that cannot be written stops the run on every rank
+    (CheckpointWriteError); the sinks are closed first so that what was logged is kept."""
     try:
-        checkpoint.save(*args)
+        write(*args)
     except checkpoint.CheckpointWriteError:
         logger.close()
         raise
@@ -280,7 +280,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         if periodic or stopping:
             state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss,
                          sampler=sampler.state_dict(step))
-            _save(logger, run_dir, step, strategy, dist, state, t.keep_last_n)
+            _write(logger, checkpoint.save, run_dir, step, strategy, dist, state, t.keep_last_n)
         if stopping:
             if dist.is_main:
                 log.info("stop requested: checkpoint saved at step %d; the run resumes from it "
@@ -295,12 +295,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     state.update(tokens_seen=tokens_seen, train_time_s=train_time, sampler=sampler.state_dict(step),
                  train_loss_last=losses[-1] if losses else state.get("train_loss_last"))
     if step > start_step:
-        _save(logger, run_dir, step, strategy, dist, state, t.keep_last_n)
-    try:
-        checkpoint.export_adapter(run_dir, strategy, dist, step)
-    except checkpoint.CheckpointWriteError:
-        logger.close()
-        raise
+        _write(logger, checkpoint.save, run_dir, step, strategy, dist, state, t.keep_last_n)
+    _write(logger, checkpoint.export_adapter, run_dir, strategy, dist, step)
     peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
     if dist.is_main:
         _log_memory(planned_mb, peaks)

@@ -119,3 +119,25 @@ def test_full_disk_refused_then_checkpoint_failure_stops_cleanly_and_resumes(sma
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
     assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == list(range(1, 9))
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000006", "step-00000008"]
+
+
+def test_write_failure_without_a_complete_checkpoint_says_so(small_fs: Path) -> None:
+    """A real ENOSPC inside one write phase, in-process (one rank, no process group)."""
+    import torch
+
+    from orchestrator.checkpoint import CheckpointWriteError, _agreed
+    from orchestrator.distributed import DistInfo
+
+    run_dir = small_fs / "run"
+    partial = run_dir / "adapter"
+    partial.mkdir(parents=True)
+    dist = DistInfo(0, 0, 1, torch.device("cpu"), "gloo")
+    with pytest.raises(CheckpointWriteError) as err:
+        with _agreed(run_dir, "adapter after step 8", partial, dist):
+            (partial / "adapter_model.safetensors").write_bytes(b"\0" * 2 * 2**20)
+    assert str(err.value) == (
+        f"adapter after step 8 could not be written: No space left on device "
+        f"({partial}); training stopped and the partial adapter was "
+        f"removed; there is no complete checkpoint yet; started again with run.dir={run_dir} the "
+        "run begins at step 0")
+    assert not partial.exists()
