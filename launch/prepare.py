@@ -100,6 +100,7 @@ def build_config(overrides: Sequence[str]):
 
 def preflight(cfg) -> None:
     """Refuse, before any rank starts, what would only fail inside the ranks."""
+    _check_run_dir(cfg)
     model_dir = Path(cfg.model.path)
     if not model_dir.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UsageError(f"model.path={cfg.model.path!r}: no such directory (offline: hub ids cannot be fetched)")
@@ -121,6 +122,7 @@ def preflight(cfg) -> None:
             f"strategy={cfg.strategy.name} needs {missing}, which is not installed "
             f"(pip install -e '.[{missing}]')"
         )
+    _check_budgets(cfg)
     _prepare_data(cfg)
 
 
@@ -132,6 +134,31 @@ def _check_wandb(cfg) -> None:
     problem = preflight_problem(cfg.logger.wandb)
     if problem:
         raise UsageError(problem)
+
+
+def _check_run_dir(cfg) -> None:
+    from launch.budget import BudgetError
+    from launch.diskspace import check_run_dir
+
+    try:
+        check_run_dir(cfg)
+    except BudgetError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _check_budgets(cfg) -> None:
+    """The memory plan against what the ranks will have, and room for checkpoints."""
+    from launch.budget import BudgetError, check_memory
+    from launch.diskspace import check_space
+
+    world = world_size(cfg)
+    try:
+        lines = check_memory(cfg, world, ranks_per_node(cfg)) + check_space(cfg, world)
+    except BudgetError as exc:
+        raise UsageError(str(exc)) from exc
+    for line in lines:  # warnings to stderr; a dry run's stdout is the job script alone
+        quiet = line.startswith("warning") or getattr(cfg.launcher, "dry_run", False)
+        print(line, file=sys.stderr if quiet else sys.stdout, flush=True)
 
 
 def _prepare_data(cfg) -> None:
@@ -169,21 +196,18 @@ def _has_weights(model_dir: Path) -> bool:
 def world_size(cfg) -> int:
     """Ranks the launcher will start (known before launch, so batch sizes can be checked)."""
     launcher = cfg.launcher
-    if launcher.name == "slurm":
-        from launch.slurm import ranks_per_node
-
-        return launcher.nodes * ranks_per_node(launcher)
-    from launch.local import default_nproc
-
-    return launcher.nproc_per_node or default_nproc()
+    return ranks_per_node(cfg) * (launcher.nodes if launcher.name == "slurm" else 1)
 
 
 def ranks_per_node(cfg) -> int:
-    if cfg.launcher.name == "slurm":
+    launcher = cfg.launcher
+    if launcher.name == "slurm":
         from launch.slurm import ranks_per_node as slurm_ranks
 
-        return slurm_ranks(cfg.launcher)
-    return world_size(cfg)
+        return slurm_ranks(launcher)
+    from launch.local import default_nproc
+
+    return launcher.nproc_per_node or default_nproc()
 
 
 def check_world(cfg) -> None:
@@ -267,8 +291,12 @@ def prepare_run_dir(cfg, overrides: Sequence[str]) -> Path:
                 f"run.dir={run_dir} belongs to a run with a different config ({', '.join(changed)} "
                 "differ); resume it with the same overrides or choose another run.dir"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale stop request must not end this run
-    frozen.write_text(yaml.safe_dump(new, sort_keys=False))
-    (run_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale stop request must not end this run
+        frozen.write_text(yaml.safe_dump(new, sort_keys=False))
+        (run_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    except OSError as exc:  # what check_run_dir's probe could not foresee (a race, a quota)
+        raise UsageError(f"run.dir={str(run_dir)!r} cannot be written: {exc.strerror or exc} "
+                         f"({exc.filename or run_dir})") from exc
     return run_dir

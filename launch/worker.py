@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     _setup_logging(rank)
     from orchestrator.config import from_container
+    from orchestrator.checkpoint import CheckpointWriteError
     from orchestrator.data import DataError
     from orchestrator.train import NonFiniteError, run
 
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:
         print(f"rank {rank}: error: {exc}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as exc:  # every rank raises it together: one line for the event
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 4
     except Exception as exc:
         import traceback
 

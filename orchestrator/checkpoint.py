@@ -9,16 +9,17 @@ checkpoint as the one a resume picks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from . import faults
-from .distributed import DistInfo, barrier, broadcast_object, set_phase
+from .distributed import DistInfo, all_gather_object, barrier, broadcast_object, set_phase
 from .strategies import Strategy
 
 
@@ -63,36 +64,107 @@ def save(
     run_dir: Path, step: int, strategy: Strategy, dist: DistInfo, trainer_state: dict[str, Any],
     keep_last_n: int,
 ) -> Path:
-    """Write a checkpoint for ``step`` from every rank; returns its final path."""
+    """Write a checkpoint for ``step`` from every rank; returns its final path.
+
+    Each phase ends with every rank learning whether any rank failed (in place of a barrier),
+    so a failed write (full disk, I/O error, permissions) stops all ranks together with
+    CheckpointWriteError, after the partial directory is removed, instead of one rank dying
+    while the others wait in the next collective.
+    """
     set_phase(f"checkpoint save at step {step}")
     root = checkpoints_dir(run_dir)
     name = f"step-{step:08d}"
     final = root / name
     tmp = root / f".tmp-{name}"
-    if dist.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
-    strategy.save_state(tmp)
-    if faults.armed("checkpoint_write", step, dist.rank):
-        faults.die()  # killed mid-write: the partial .tmp dir must never be resumed from
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state(dist.device)
-    torch.save(rng, tmp / f"rng-rank{dist.rank}.pt")
-    barrier()
-    if dist.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / "latest", name)
-        _rotate(root, keep_last_n)
-    barrier()
+    what = f"checkpoint at step {step}"
+    with _agreed(run_dir, what, tmp, dist):
+        if dist.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+    with _agreed(run_dir, what, tmp, dist):
+        strategy.save_state(tmp)
+        if faults.armed("checkpoint_write", step, dist.rank):
+            faults.die()  # killed mid-write: the partial .tmp dir must never be resumed from
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(dist.device)
+        torch.save(rng, tmp / f"rng-rank{dist.rank}.pt")
+    with _agreed(run_dir, what, tmp, dist):
+        if dist.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(root / "latest", name)
+            _rotate(root, keep_last_n)
     return final
+
+
+def export_adapter(run_dir: Path, strategy: Strategy, dist: DistInfo, step: int) -> Path:
+    """The final PEFT adapter in ``run_dir/adapter``, with the same agreement as ``save``: a
+    failed write removes the partial adapter and stops every rank with CheckpointWriteError."""
+    out = run_dir / "adapter"
+    with _agreed(run_dir, f"adapter after step {step}", out, dist):
+        strategy.save_adapter(out)
+    return out
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or the adapter could not be written; raised on every rank at once. The
+    message is one line: the step, the path, the cause and the checkpoint a restart resumes from."""
+
+
+def _write_failure(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind ``exc``: raised directly, or collected by torch.distributed.checkpoint
+    from whichever rank hit it (CheckpointException carries each rank's exception)."""
+    if isinstance(exc, OSError):
+        return exc
+    for err, _trace in getattr(exc, "failures", {}).values():
+        if isinstance(err, OSError):
+            return err
+    return None
+
+
+@contextlib.contextmanager
+def _agreed(run_dir: Path, what: str, partial: Path, dist: DistInfo) -> Iterator[None]:
+    """Run a write phase on every rank, then agree (one small all-gather) whether it worked.
+
+    A rank whose own error is not an OSError (a bug, not the storage) re-raises it after the
+    agreement, so its traceback is printed and no other rank hangs waiting for it.
+    """
+    error: Optional[BaseException] = None
+    try:
+        yield
+    except BaseException as exc:  # noqa: B036 - CheckpointException derives from BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        error = exc
+    failure = _write_failure(error) if error is not None else None
+    mine = None if error is None else (
+        f"{failure.strerror or failure} ({failure.filename or partial})" if failure is not None
+        else f"{type(error).__name__}: {error}".splitlines()[0])
+    reports = [r for r in all_gather_object(None if mine is None else (failure is not None, mine))
+               if r is not None]
+    if not reports:
+        return
+    if dist.is_main:  # a partial directory is never resumed from; removing it frees its space
+        shutil.rmtree(partial, ignore_errors=True)
+        (checkpoints_dir(run_dir) / "latest.tmp").unlink(missing_ok=True)
+    barrier()
+    if error is not None and failure is None:
+        raise error
+    cause = next((text for storage, text in reports if storage), reports[0][1])
+    done = latest(run_dir)
+    resume = (f"the last complete checkpoint is {done.name} ({done}); started again with "
+              f"run.dir={run_dir} the run resumes from step {int(done.name.split('-')[1])}"
+              if done is not None else
+              f"there is no complete checkpoint yet; started again with run.dir={run_dir} the run "
+              "begins at step 0")
+    raise CheckpointWriteError(f"{what} could not be written: {cause}; training stopped and the "
+                               f"partial {partial.name} was removed; {resume}")
 
 
 def _rotate(root: Path, keep_last_n: int) -> None:

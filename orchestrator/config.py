@@ -328,6 +328,14 @@ class PlanConfig:
     inter_node_gbit_per_s: float = 400.0
     # Peak dense bf16 TFLOP/s of one GPU, for the compute lower bound (989: H100/H200 SXM).
     gpu_tflops: float = 989.0
+    # `orchestrate train` refuses a run whose plan exceeds the memory its ranks will have (the
+    # visible GPUs' free memory, plan.gpu_memory_gb on Slurm, the host's available memory on
+    # CPU) or whose run directory lacks room for two checkpoints and the adapter; false: warn
+    # and launch anyway.
+    enforce: bool = True
+    # Host memory in GiB for the ranks of one node on CPU; null: what the host has available
+    # (MemAvailable, or the cgroup's limit), or launcher.mem on Slurm.
+    host_memory_gb: Optional[float] = None
 
 
 @dataclass
@@ -450,6 +458,8 @@ def validate(cfg: RunConfig) -> None:
         positive(key)
     if cfg.plan.overhead_gb is not None:
         positive("plan.overhead_gb", allow_zero=True)
+    if cfg.plan.host_memory_gb is not None:
+        positive("plan.host_memory_gb")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(
             f"data.eval_fraction={cfg.data.eval_fraction!r} is not allowed; it must be in [0, 1)"

@@ -8,7 +8,6 @@ because the strategies average gradients over ranks.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -131,12 +130,26 @@ def _log_memory(planned: float | None, peaks: list[float]) -> None:
                      measured, 100.0 * (planned - measured) / measured)
 
 
+def _write(logger, write, *args) -> None:
+    """A checkpoint or adapter that cannot be written stops the run on every rank
+    (CheckpointWriteError); the sinks are closed first so that what was logged is kept."""
+    try:
+        write(*args)
+    except checkpoint.CheckpointWriteError:
+        logger.close()
+        raise
+
+
 def run(cfg: RunConfig, run_dir: Path) -> RunResult:
     """Train per ``cfg`` on this rank, writing outputs into ``run_dir``."""
     dist = init_distributed(getattr(cfg.launcher, "dist_timeout_s", 600))
     # No barrier on failure: the other ranks may be inside a collective that this rank will
     # never join; exiting lets torchrun tear the group down instead of hanging.
-    result = _run(cfg, Path(run_dir), dist)
+    try:
+        result = _run(cfg, Path(run_dir), dist)
+    except checkpoint.CheckpointWriteError:
+        shutdown()  # every rank agreed to stop here: they can leave the group together
+        raise
     shutdown()
     return result
 
@@ -289,7 +302,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         if periodic or stopping:
             state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss,
                          sampler=sampler.state_dict(step))
-            checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
+            _write(logger, checkpoint.save, run_dir, step, strategy, dist, state, t.keep_last_n)
         if stopping:
             if dist.is_main:
                 log.info("stop requested: checkpoint saved at step %d; the run resumes from it "
@@ -305,9 +318,9 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     state.update(tokens_seen=tokens_seen, train_time_s=train_time, sampler=sampler.state_dict(step),
                  train_loss_last=losses[-1] if losses else state.get("train_loss_last"))
     if step > start_step:
-        checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
+        _write(logger, checkpoint.save, run_dir, step, strategy, dist, state, t.keep_last_n)
     set_phase("adapter export")
-    strategy.save_adapter(run_dir / "adapter")
+    _write(logger, checkpoint.export_adapter, run_dir, strategy, dist, step)
     peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
     if dist.is_main:
         _log_memory(planned_mb, peaks)

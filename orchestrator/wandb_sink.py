@@ -69,7 +69,7 @@ def preflight_problem(wandb_cfg: Any) -> str | None:
     url = base_url()
     if not has_api_key(url):
         return (f"logger.wandb.mode=online but no W&B API key is configured (WANDB_API_KEY or "
-                f"`wandb login`); use logger.wandb.mode=offline and `wandb sync` later")
+                "`wandb login`); use logger.wandb.mode=offline and `wandb sync` later")
     reason = probe(url, wandb_cfg.probe_timeout_s)
     if reason:
         return (f"logger.wandb.mode=online but the W&B server {url} is unreachable from this "
