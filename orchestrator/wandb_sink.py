@@ -68,7 +68,7 @@ def preflight_problem(wandb_cfg: Any) -> str | None:
         return None
     url = base_url()
     if not has_api_key(url):
-        return (f"logger.wandb.mode=online but no W&B API key is configured (WANDB_API_KEY or "
+        return ("logger.wandb.mode=online but no W&B API key is configured (WANDB_API_KEY or "
                 "`wandb login`); use logger.wandb.mode=offline and `wandb sync` later")
     reason = probe(url, wandb_cfg.probe_timeout_s)
     if reason:
