@@ -108,10 +108,27 @@ def preflight(cfg) -> None:
             f"strategy={cfg.strategy.name} needs {missing}, which is not installed "
             f"(pip install -e '.[{missing}]')"
         )
-    _prepare_data(cfg)
+    splits = _prepare_data(cfg)
+    _resolve_auto(cfg, splits)
 
 
-def _prepare_data(cfg) -> None:
+def _resolve_auto(cfg, splits) -> None:
+    """``auto`` settings become concrete here, at the prepared data's lengths, before
+    prepare_run_dir freezes the config (launch/auto.py)."""
+    from launch.auto import resolve
+    from orchestrator.data import DataError
+    from orchestrator.plan import PlanError
+
+    try:
+        line = resolve(cfg, world_size(cfg), splits)
+    except (PlanError, DataError) as exc:
+        raise UsageError(str(exc)) from exc
+    if line:
+        print(line, file=sys.stderr if getattr(cfg.launcher, "dry_run", False) else sys.stdout, flush=True)
+        check_world(cfg)
+
+
+def _prepare_data(cfg):
     """Read, check and tokenize the data once, here, into the cache every rank then reads.
     Without a local tokenizer (a hub id) only the rows are checked; rank 0 tokenizes."""
     from orchestrator.data import DataError, check_rows, describe, prepare
@@ -125,7 +142,7 @@ def _prepare_data(cfg) -> None:
                         check_rows(getattr(cfg.data, key), cfg.data)
                     except DataError as exc:
                         raise DataError(f"data.{key}: {exc}") from None
-            return
+            return None
         from orchestrator.model import load_tokenizer
 
         splits = prepare(cfg.data, load_tokenizer(cfg.model))
@@ -136,6 +153,7 @@ def _prepare_data(cfg) -> None:
     for line in describe(splits):
         print(f"{line} (tokenized cache {'hit' if splits.cache_hit else 'written'}: "
               f"{splits.fingerprint})", file=out, flush=True)
+    return splits
 
 
 def _has_weights(model_dir: Path) -> bool:
@@ -156,8 +174,14 @@ def world_size(cfg) -> int:
 
 
 def check_world(cfg) -> None:
-    from orchestrator.config import ConfigError, accumulation_steps
+    from orchestrator.config import ConfigError, accumulation_steps, is_auto
 
+    world = world_size(cfg)
+    if is_auto(cfg.trainer.micro_batch_size):  # auto picks a divisor of the per-rank batch
+        if cfg.trainer.global_batch_size % world:
+            raise UsageError(f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not "
+                             f"divisible by the world size {world}")
+        return
     try:
         accumulation_steps(cfg, world_size(cfg))
     except ConfigError as exc:

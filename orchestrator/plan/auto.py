@@ -57,7 +57,7 @@ def choose(shape: ModelShape, setup: Setup, limit_bytes: float, per_rank: int, m
     """The first candidate that fits; PlanError naming the smallest plan when none does."""
     tried: list[tuple[int, bool, float]] = []
     for m, c in candidates(per_rank, micro, checkpointing):
-        plan = plan_memory(shape, replace(setup, micro_batch=m, checkpointing=c), limit_bytes)
+        plan = plan_memory(shape, replace(setup, micro_batch=m, checkpointing=c), limit_bytes, budget)
         if plan.fits:
             return AutoChoice(m, c, plan, budget, tuple(tried))
         tried.append((m, c, plan.peak_bytes))

@@ -59,7 +59,7 @@ CPU_RUNTIME_BYTES = {
 }
 
 #: Host allocator retention on CPU, as a fraction of a training step's transient bytes
-#: (activations and logits), by strategy kind. glibc keeps freed activation memory in its heaps,
+#: (activations and logits; the heap-sized ones, see MMAP_THRESHOLD_BYTES), by strategy kind. glibc keeps freed activation memory in its heaps,
 #: fragmented, and later steps grow the heaps instead of reusing it, so peak RSS exceeds the
 #: live peak by an amount that scales with what a step allocates and frees, and with how the
 #: strategy allocates (FSDP's all-gathers, ZeRO-3's parameter gathers add their own churn).
@@ -74,6 +74,11 @@ CPU_RETENTION = {
     "zero3": 1.51,
 }
 RETENTION = "host allocator retention (CPU)"
+#: glibc serves allocations of at least this size with their own mmap (its dynamic threshold
+#: stops growing at 32 MiB on 64-bit) and unmaps them when freed: such tensors leave no
+#: retention behind. On a large vocabulary the logits are far above it (2 x 256 tokens x 152k
+#: entries x 4 bytes = 311 MB), while a layer's activations usually are not.
+MMAP_THRESHOLD_BYTES = 32 * MiB
 
 
 def residual_bytes(s: Setup) -> int:
@@ -180,6 +185,16 @@ class Plan:
 OVERHEAD = "framework overhead"
 
 
+def _heap_transient(shape: ModelShape, s: Setup, acts: float, logits: float) -> float:
+    """The part of a step's transient bytes glibc serves from its heaps (what it can retain):
+    each term counts unless its largest tensor is mmap-sized (MMAP_THRESHOLD_BYTES)."""
+    tokens = s.micro_batch * s.train_width
+    act_tensor = tokens * max(shape.intermediate, shape.q_dim) * residual_bytes(s)
+    logit_tensor = tokens * shape.vocab * 4
+    return ((acts if act_tensor < MMAP_THRESHOLD_BYTES else 0.0)
+            + (logits if logit_tensor < MMAP_THRESHOLD_BYTES else 0.0))
+
+
 def _overhead(s: Setup) -> float:
     if s.overhead_bytes is not None:
         return float(s.overhead_bytes)
@@ -244,7 +259,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     train.items["activations"] = acts
     train.items["logits + loss"] = logits
     if s.device == "cpu" and s.overhead_bytes is None:
-        train.items[RETENTION] = CPU_RETENTION[s.kind] * (acts + logits)
+        train.items[RETENTION] = CPU_RETENTION[s.kind] * _heap_transient(shape, s, acts, logits)
     train.items[OVERHEAD] = overhead
 
     ev = Phase("eval", dict(persistent))
