@@ -95,7 +95,7 @@ def test_auto_is_resolved_once_frozen_and_reused_on_resume(tmp_path):
     run_dir = tmp_path / "run"
     common = ["trainer.micro_batch_size=auto", "model.gradient_checkpointing=auto",
               "trainer.max_steps=2", "trainer.eval_generate_examples=0", "logger.console=false",
-              "trainer.precision=bf16"]
+              "data.eval_path=null"]
     local = ["launcher.nproc_per_node=1", *common]
     budget = _budget_between(local, 1, big=16, small=8)
     proc = orchestrate("train", f"run.dir={run_dir}", f"plan.host_memory_gb={budget:.4f}", *local)

@@ -16,8 +16,8 @@ from .auto import AutoChoice, candidates, choose, host_available_bytes, memory_b
 from .lengths import DataLengths, data_lengths, example_lengths, longest_drawn
 from .memory import (
     CPU_RETENTION, CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, DEEPSPEED_BUCKET_ELEMENTS, NCCL_BYTES,
-    OVERHEAD, RETENTION, Phase, Plan, layer_activation_bytes, plan_memory, residual_bytes,
-    saved_activation_bytes,
+    OVERHEAD, RETENTION, TOKENIZER, TOKENIZER_BYTES_PER_ENTRY, Phase, Plan, layer_activation_bytes,
+    plan_memory, residual_bytes, saved_activation_bytes,
 )
 from .report import format_plan, plan_for_run, report, resolve_auto
 from .setup import Setup, compute_bytes_for, setup_from_config
@@ -29,7 +29,8 @@ from .suggest import Suggestion, phase_total, suggest
 __all__ = [
     "AutoChoice", "CPU_RETENTION", "CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "DEEPSPEED_BUCKET_ELEMENTS",
     "DataLengths", "GiB", "LAYER_LINEARS", "MiB", "ModelShape", "NCCL_BYTES", "OVERHEAD", "Phase",
-    "Plan", "PlanError", "RETENTION", "Setup", "Suggestion", "candidates", "choose",
+    "Plan", "PlanError", "RETENTION", "Setup", "Suggestion", "TOKENIZER", "TOKENIZER_BYTES_PER_ENTRY",
+    "candidates", "choose",
     "compute_bytes_for", "data_lengths", "example_lengths", "format_plan", "host_available_bytes",
     "layer_activation_bytes", "longest_drawn", "lora_params", "lora_targets", "memory_budget",
     "nf4_bytes", "phase_total", "plan_for_run", "plan_memory", "read_shape", "report",

@@ -59,9 +59,9 @@ CPU_RUNTIME_BYTES = {
 }
 
 #: Host allocator retention on CPU, as a fraction of a training step's transient bytes
-#: (activations and logits; the heap-sized ones, see MMAP_THRESHOLD_BYTES), by strategy kind. glibc keeps freed activation memory in its heaps,
-#: fragmented, and later steps grow the heaps instead of reusing it, so peak RSS exceeds the
-#: live peak by an amount that scales with what a step allocates and frees, and with how the
+#: (activations and logits; the heap-sized ones, see MMAP_THRESHOLD_BYTES), by strategy kind.
+#: glibc keeps freed activation memory in its heaps, fragmented, and later steps grow the
+#: heaps instead of reusing it, so peak RSS exceeds the live peak by an amount that scales with what a step allocates and frees, and with how the
 #: strategy allocates (FSDP's all-gathers, ZeRO-3's parameter gathers add their own churn).
 #: Fitted on one held-out model (~17M parameters, ``planner_accuracy.py --calibrate``) and
 #: checked on the 3M and 50M models (benchmarks/RESULTS.md). Not applied on CUDA, where the
@@ -74,6 +74,13 @@ CPU_RETENTION = {
     "zero3": 1.51,
 }
 RETENTION = "host allocator retention (CPU)"
+#: Live host bytes a loaded fast tokenizer keeps per vocabulary entry (vocabulary, merges,
+#: added-token tables), beyond the embedded 128-token one the runtime constant already holds:
+#: Qwen2.5's 151,646-entry BPE adds 53 MB once its parse garbage is trimmed (278 MB before;
+#: the freed heap is reused by later allocations), so ~350 bytes per entry. CPU plans only: a
+#: GPU's memory never holds it.
+TOKENIZER_BYTES_PER_ENTRY = 350
+TOKENIZER = "tokenizer (host)"
 #: glibc serves allocations of at least this size with their own mmap (its dynamic threshold
 #: stops growing at 32 MiB on 64-bit) and unmaps them when freed: such tensors leave no
 #: retention behind. On a large vocabulary the logits are far above it (2 x 256 tokens x 152k
@@ -254,12 +261,15 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     acts = saved_activation_bytes(shape, s) - _saved_loss_bytes(shape, s) + working
     logits = tokens * shape.vocab * (b + 12) + _head_copy_bytes(shape, s)
     overhead = _overhead(s)
+    host_tokenizer = (TOKENIZER_BYTES_PER_ENTRY * max(0, shape.vocab - 128)
+                      if s.device == "cpu" and s.overhead_bytes is None else 0.0)
 
     train = Phase("train", dict(persistent))
     train.items["activations"] = acts
     train.items["logits + loss"] = logits
     if s.device == "cpu" and s.overhead_bytes is None:
         train.items[RETENTION] = CPU_RETENTION[s.kind] * _heap_transient(shape, s, acts, logits)
+    train.items[TOKENIZER] = host_tokenizer
     train.items[OVERHEAD] = overhead
 
     ev = Phase("eval", dict(persistent))
@@ -268,6 +278,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     ev.items["activations"] = eval_tokens * (resid * shape.hidden * 2 + 3 * resid * shape.intermediate)
     ev.items["activations"] += eval_tokens * shape.layers * 2 * shape.kv_dim * b  # KV cache (generate)
     ev.items["logits + loss"] = eval_tokens * shape.vocab * (b + 8)
+    ev.items[TOKENIZER] = host_tokenizer
     ev.items[OVERHEAD] = overhead
 
     load = Phase("load")
@@ -279,5 +290,6 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     else:  # every rank (or, loading low-memory on CPU, rank 0) holds the whole model at first
         load.items[label] = base_full
         load.items["non-quantized params (embeddings, norms, head)"] = other_full + largest * b
+    load.items[TOKENIZER] = host_tokenizer
     load.items[OVERHEAD] = overhead
     return Plan(shape, s, [load, train, ev], limit_bytes, n_lora, budget)
