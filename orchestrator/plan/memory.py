@@ -62,7 +62,8 @@ CPU_RUNTIME_BYTES = {
 #: (activations and logits; the heap-sized ones, see MMAP_THRESHOLD_BYTES), by strategy kind.
 #: glibc keeps freed activation memory in its heaps, fragmented, and later steps grow the
 #: heaps instead of reusing it, so peak RSS exceeds the live peak by an amount that scales
-#: with what a step allocates and frees, and with how the strategy allocates (FSDP's all-gathers, ZeRO-3's parameter gathers add their own churn).
+#: with what a step allocates and frees, and with how the strategy allocates (FSDP's
+#: all-gathers, ZeRO-3's parameter gathers add their own churn).
 #: Fitted on one held-out model (~17M parameters, ``planner_accuracy.py --calibrate``) and
 #: checked on the 3M and 50M models (benchmarks/RESULTS.md). Not applied on CUDA, where the
 #: measured peak is the caching allocator's live bytes.
