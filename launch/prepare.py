@@ -183,7 +183,7 @@ def check_world(cfg) -> None:
                              f"divisible by the world size {world}")
         return
     try:
-        accumulation_steps(cfg, world_size(cfg))
+        accumulation_steps(cfg, world)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
 

@@ -31,12 +31,6 @@ class DataLengths:
     max_seq_len: int
     packed: bool = False
 
-    def describe(self) -> str:
-        if self.packed:
-            return f"packed rows at the token budget of {self.train} tokens"
-        text = f"longest training row {self.train} of data.max_seq_len={self.max_seq_len} tokens"
-        return text + (f", longest eval row {self.eval}" if self.eval else "")
-
 
 def example_lengths(examples: Sequence[Any]) -> np.ndarray:
     """Token count of every example. Reads the cached Arrow table's columns when there is one (a
