@@ -2,6 +2,7 @@
 
     python benchmarks/planner_accuracy.py [--models tiny 50m] [--steps 8] [--nproc 2]
     python benchmarks/planner_accuracy.py --calibrate     # the CPU constants of orchestrator/plan.py
+    python benchmarks/planner_accuracy.py --real --out DIR  # real-size model, real vocabulary and lengths
 
 Each run trains for a few steps under one strategy; train.py writes the planner's expectation
 (`planned_peak_memory_mb`) and the measured peak (`peak_memory_mb`: process RSS on CPU, the
@@ -28,10 +29,11 @@ from synthetic import TINY, build_llama  # noqa: E402
 COMMON = ["trainer.eval_generate_examples=16", "trainer.eval_max_new_tokens=4", "trainer.save_every=0"]
 
 
-def train_run(model_dir: Path, overrides: list[str], steps: int, nproc: int, run_dir: Path) -> dict:
+def train_run(model_dir: Path, overrides: list[str], steps: int, nproc: int, run_dir: Path,
+              reuse: bool = False) -> dict:
     """The run's summary.json, or {"error": ...}."""
     out = train(run_dir, [f"model.path={model_dir}", f"trainer.max_steps={steps}",
-                          f"launcher.nproc_per_node={nproc}", *COMMON, *overrides])
+                          f"launcher.nproc_per_node={nproc}", *COMMON, *overrides], reuse=reuse)
     return out.get("summary", out)
 
 
@@ -41,9 +43,70 @@ def planned_items(model_dir: Path, overrides: list[str], nproc: int) -> dict[str
     from launch.prepare import build_config
     from orchestrator import plan as P
 
-    plan = P.plan_for_run(build_config([f"model.path={model_dir}", *COMMON, *overrides]), nproc, "cpu")
+    from launch.auto import prepared_lengths
+
+    cfg = build_config([f"model.path={model_dir}", *COMMON, *overrides])
+    plan = P.plan_for_run(cfg, nproc, "cpu", data=prepared_lengths(cfg))  # as train.py plans
     train = next(p for p in plan.phases if p.name == "train")
     return {k: v / P.MiB for k, v in train.items.items()}
+
+
+#: --real: the data sets of benchmarks/real_model.py, each with and without checkpointing.
+REAL_DATA = {
+    "short instruction rows": ["data.path={out}/short.jsonl", "data.format=alpaca"],
+    "full 256-token chats": ["data.path={out}/chats.jsonl", "data.format=chat"],
+}
+REAL_RUN = ["data=jsonl", "data.max_seq_len=256", "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=2", "data.cache_dir={out}/cache"]
+
+
+def real_runs(out: Path, steps: int, nproc: int, extra: list[str]) -> list[tuple[str, Path, dict]]:
+    """Train (or read back, ``out`` keeps finished runs) the real-size model on both data sets."""
+    from real_model import build_qwen_llama, write_full_chats, write_short_rows
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_qwen_llama(out / "model")
+    if not (out / "short.jsonl").exists():
+        write_short_rows(out / "short.jsonl")
+        write_full_chats(out / "chats.jsonl")
+    rows = []
+    for data, data_overrides in REAL_DATA.items():
+        for ckpt in ("false", "true"):
+            overrides = [o.format(out=out) for o in REAL_RUN + data_overrides] + [
+                f"model.gradient_checkpointing={ckpt}", *extra]
+            name = f"{'short' if 'short' in data else 'chats'}-ckpt_{ckpt}"
+            s = train_run(model, overrides, steps, nproc, out / "runs" / name, reuse=True)
+            rows.append((f"{data}, checkpointing {'on' if ckpt == 'true' else 'off'}", out / "runs" / name, s))
+    return rows
+
+
+def real_table(out: Path, steps: int, nproc: int, extra: list[str]) -> None:
+    """Planned against measured on the real-size model: before (every row planned at
+    data.max_seq_len) and after (the data's real lengths, what train.py now plans)."""
+    sys.path.insert(0, str(ROOT))
+    import yaml
+
+    from launch.auto import prepared_lengths
+    from orchestrator import plan as P
+    from orchestrator.config import from_container
+
+    def err(planned: float, measured: float) -> str:
+        return f"{planned:.0f} ({100 * (planned - measured) / measured:+.1f}%)"
+
+    print("| data | longest row | planned at max_seq_len MB (error) | planned at real lengths MB "
+          "(error) | measured MB/rank | tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, run_dir, s in real_runs(out, steps, nproc, extra):
+        if "error" in s:
+            print(f"| {name} | failed: {s['error']} | | | | |", flush=True)
+            continue
+        cfg = from_container(yaml.safe_load((run_dir / "config.yaml").read_text()))  # as the ranks ran it
+        lengths = prepared_lengths(cfg)
+        before, after = (P.plan_for_run(cfg, nproc, "cpu", data=d).measurable_bytes() / P.MiB
+                         for d in (None, lengths))
+        measured = max(s["peak_memory_mb"])
+        print(f"| {name} | {lengths.train} | {err(before, measured)} | {err(after, measured)} | "
+              f"{' / '.join(f'{m:.0f}' for m in s['peak_memory_mb'])} | {s['tokens_per_s']:.0f} |", flush=True)
 
 
 def _ok(summary: dict) -> dict:
@@ -68,7 +131,7 @@ def calibrate(tmp: Path, cache: Path, steps: int, nproc: int) -> None:
         items = planned_items(mid, overrides, nproc)
         live = sum(v for k, v in items.items() if k not in (P.OVERHEAD, P.RETENTION))
         key = "deepspeed" if name.startswith("zero") else name.split()[0]
-        transient = items["activations"] + items["logits + loss"]
+        transient = items[P.RETENTION] / P.CPU_RETENTION[name]  # the heap-sized transient bytes
         retention[name] = (max(s["peak_memory_mb"]) - runtime[key] - live) / transient
     print("CPU_RUNTIME_BYTES (MiB):", {k: round(v) for k, v in runtime.items()})
     print("CPU_RETENTION:", {k: round(v, 2) for k, v in retention.items()})
@@ -88,8 +151,17 @@ def main() -> None:
                     help="folder where built models are kept and reused (default: a temporary one)")
     ap.add_argument("--calibrate", action="store_true",
                     help="fit the planner's CPU runtime and retention constants (held-out models)")
+    ap.add_argument("--real", action="store_true",
+                    help="the real-size model (151k vocabulary) on short and full-length rows "
+                         "(benchmarks/real_model.py; needs the bench extra)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for the runs (and, with --real, the model and data); finished "
+                         "runs there are read back instead of trained again")
     ap.add_argument("extra", nargs="*", help="more overrides for every run")
     args = ap.parse_args()
+    if args.real:
+        out = args.out or Path(tempfile.mkdtemp(prefix="planner-real-"))
+        return real_table(out.resolve(), args.steps if args.steps != 8 else 6, args.nproc, args.extra)
     with tempfile.TemporaryDirectory() as tmp:
         if args.calibrate:
             return calibrate(Path(tmp), args.cache or Path(tmp), args.steps, args.nproc)
@@ -98,8 +170,9 @@ def main() -> None:
         print("| --- | --- | --- | --- | --- |")
         for model, path in dirs.items():
             for name in args.strategies:
-                run_dir = Path(tmp) / "runs" / f"{model}-{name.replace(' ', '_')}"
-                s = train_run(path, STRATEGIES[name] + args.extra, args.steps, args.nproc, run_dir)
+                run_dir = (args.out or Path(tmp)) / "runs" / f"{model}-{name.replace(' ', '_')}"
+                s = train_run(path, STRATEGIES[name] + args.extra, args.steps, args.nproc, run_dir,
+                              reuse=args.out is not None)
                 if "error" in s:
                     print(f"| {model} | {name} | failed: {s['error']} | | |", flush=True)
                     continue

@@ -162,16 +162,17 @@ def _need(peak: float, budget: Budget) -> str:
     return gb(peak)
 
 
-def check_memory(cfg, world: int, nproc: int) -> list[str]:
+def check_memory(cfg, world: int, nproc: int, data=None) -> list[str]:
     """Lines to print (the plan within budget, or a warning); raises BudgetError when the plan
-    does not fit and ``plan.enforce`` is on."""
+    does not fit and ``plan.enforce`` is on. ``data``: the prepared data's lengths (plan/lengths.py)."""
     from orchestrator.plan import PlanError, compute_bytes_for, plan_for_run, suggest
 
     budget = memory_budget(cfg, nproc)
     if budget is None:
         return []
     try:
-        plan = plan_for_run(cfg, world, budget.device, compute_bytes_for(cfg.trainer.precision, budget.device))
+        plan = plan_for_run(cfg, world, budget.device, compute_bytes_for(cfg.trainer.precision, budget.device),
+                            data=data)
     except PlanError as exc:
         return [f"warning: memory plan unavailable ({exc}); launching without a memory check"]
     peak = plan.peak_bytes

@@ -125,13 +125,15 @@ def cmd_plan(args: list[str]) -> int:
     bad = [a for a in args if a.startswith("-")]
     if bad:
         raise UsageError(f"unknown option {bad[0]!r}; overrides are KEY=VALUE (see orchestrate --help)")
+    from launch.auto import prepared_lengths
+    from orchestrator.data import DataError
     from orchestrator.plan import PlanError, report
 
     cfg = build_config(args)
     check_world(cfg)
-    try:
-        text, fits = report(cfg, world_size(cfg))
-    except PlanError as exc:
+    try:  # at the data's real lengths where its tokenizer is local, else at data.max_seq_len
+        text, fits = report(cfg, world_size(cfg), prepared_lengths(cfg))
+    except (PlanError, DataError) as exc:
         raise UsageError(str(exc)) from exc
     print(text)
     print()

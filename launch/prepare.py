@@ -123,7 +123,25 @@ def preflight(cfg) -> None:
             f"(pip install -e '.[{missing}]')"
         )
     _check_budgets(cfg)
-    _prepare_data(cfg)
+    splits = _prepare_data(cfg)
+    _resolve_auto(cfg, splits)
+    _check_budgets(cfg, splits)  # after auto, at the data's real lengths
+
+
+def _resolve_auto(cfg, splits) -> None:
+    """``auto`` settings become concrete here, at the prepared data's lengths, before
+    prepare_run_dir freezes the config (launch/auto.py)."""
+    from launch.auto import resolve
+    from orchestrator.data import DataError
+    from orchestrator.plan import PlanError
+
+    try:
+        line = resolve(cfg, world_size(cfg), splits)
+    except (PlanError, DataError) as exc:
+        raise UsageError(str(exc)) from exc
+    if line:
+        print(line, file=sys.stderr if getattr(cfg.launcher, "dry_run", False) else sys.stdout, flush=True)
+        check_world(cfg)
 
 
 def _check_wandb(cfg) -> None:
@@ -146,14 +164,20 @@ def _check_run_dir(cfg) -> None:
         raise UsageError(str(exc)) from exc
 
 
-def _check_budgets(cfg) -> None:
-    """The memory plan against what the ranks will have, and room for checkpoints."""
+def _check_budgets(cfg, splits=None) -> None:
+    """Room for checkpoints (``splits`` None: before data preparation, which may take long), or
+    the memory plan at the data's real lengths against what the ranks will have."""
     from launch.budget import BudgetError, check_memory
     from launch.diskspace import check_space
 
     world = world_size(cfg)
     try:
-        lines = check_memory(cfg, world, ranks_per_node(cfg)) + check_space(cfg, world)
+        if splits is None:
+            lines = check_space(cfg, world)
+        else:
+            from launch.auto import prepared_lengths
+
+            lines = check_memory(cfg, world, ranks_per_node(cfg), prepared_lengths(cfg, splits))
     except BudgetError as exc:
         raise UsageError(str(exc)) from exc
     for line in lines:  # warnings to stderr; a dry run's stdout is the job script alone
@@ -161,7 +185,7 @@ def _check_budgets(cfg) -> None:
         print(line, file=sys.stderr if quiet else sys.stdout, flush=True)
 
 
-def _prepare_data(cfg) -> None:
+def _prepare_data(cfg):
     """Read, check and tokenize the data once, here, into the cache every rank then reads.
     Without a local tokenizer (a hub id) only the rows are checked; rank 0 tokenizes."""
     from orchestrator.data import DataError, check_rows, describe, prepare
@@ -175,7 +199,7 @@ def _prepare_data(cfg) -> None:
                         check_rows(getattr(cfg.data, key), cfg.data)
                     except DataError as exc:
                         raise DataError(f"data.{key}: {exc}") from None
-            return
+            return None
         from orchestrator.model import load_tokenizer
 
         splits = prepare(cfg.data, load_tokenizer(cfg.model))
@@ -186,6 +210,7 @@ def _prepare_data(cfg) -> None:
     for line in describe(splits):
         print(f"{line} (tokenized cache {'hit' if splits.cache_hit else 'written'}: "
               f"{splits.fingerprint})", file=out, flush=True)
+    return splits
 
 
 def _has_weights(model_dir: Path) -> bool:
@@ -211,10 +236,16 @@ def ranks_per_node(cfg) -> int:
 
 
 def check_world(cfg) -> None:
-    from orchestrator.config import ConfigError, accumulation_steps
+    from orchestrator.config import ConfigError, accumulation_steps, is_auto
 
+    world = world_size(cfg)
+    if is_auto(cfg.trainer.micro_batch_size):  # auto picks a divisor of the per-rank batch
+        if cfg.trainer.global_batch_size % world:
+            raise UsageError(f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not "
+                             f"divisible by the world size {world}")
+        return
     try:
-        accumulation_steps(cfg, world_size(cfg))
+        accumulation_steps(cfg, world)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
     layout(cfg)

@@ -29,6 +29,14 @@ class ConfigError(ValueError):
     """A config value that is wrong; the message names the key, the value and what is allowed."""
 
 
+AUTO = "auto"
+
+
+def is_auto(value: Any) -> bool:
+    """A setting left to the planner (trainer.micro_batch_size, model.gradient_checkpointing)."""
+    return isinstance(value, str) and value == AUTO
+
+
 def _asset(name: str) -> str:
     """``${asset:tiny-llama}`` -> absolute path of a file shipped inside the package."""
     path = ASSETS_DIR / name
@@ -46,7 +54,9 @@ class ModelConfig:
     # Tokenizer location; defaults to the model path.
     tokenizer: Optional[str] = None
     attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
+    # true | false | auto (the fastest that fits the memory budget, resolved by the launcher;
+    # orchestrator/plan/auto.py). Typed Any: structured configs have no Union[bool, str].
+    gradient_checkpointing: Any = False
     trust_remote_code: bool = False
 
 
@@ -132,7 +142,9 @@ class TrainerConfig:
     # Sequences per optimizer step over all ranks. Accumulation is derived from it:
     # global_batch_size = micro_batch_size x accumulation x world size.
     global_batch_size: int = 16
-    micro_batch_size: int = 4
+    # An int, or auto: the largest that fits the memory budget (resolved once by the launcher
+    # and frozen into config.yaml; orchestrator/plan/auto.py). Typed Any: no Union[int, str].
+    micro_batch_size: Any = 4
     eval_batch_size: int = 16
     max_grad_norm: float = 1.0
     # auto: bf16 where the hardware has it (GPU, or CPU with AVX512-BF16/AMX), else fp16 on
@@ -443,8 +455,9 @@ def validate(cfg: RunConfig) -> None:
             need = ">= 0" if allow_zero else "> 0"
             raise ConfigError(f"{key}={value!r} is not allowed; it must be {need}")
 
+    _check_auto(cfg)
     for key in ("lora.r", "lora.alpha", "data.max_seq_len", "trainer.global_batch_size",
-                "trainer.micro_batch_size", "trainer.eval_batch_size", "optim.lr",
+                "trainer.eval_batch_size", "optim.lr",
                 "trainer.eval_max_new_tokens", "logger.every_n_steps", "sweep.n_trials",
                 "plan.gpu_memory_gb", "plan.intra_node_gb_per_s", "plan.inter_node_gbit_per_s",
                 "plan.gpu_tflops"):
@@ -508,11 +521,23 @@ def validate(cfg: RunConfig) -> None:
             "quant.storage_dtype='uint8' cannot be sharded with strategy.shard_base=true; "
             "leave it auto (the compute dtype) or choose bf16, fp16 or fp32"
         )
-    if cfg.trainer.global_batch_size % cfg.trainer.micro_batch_size:
+    if not is_auto(cfg.trainer.micro_batch_size) and cfg.trainer.global_batch_size % cfg.trainer.micro_batch_size:
         raise ConfigError(
             f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not a multiple of "
             f"trainer.micro_batch_size={cfg.trainer.micro_batch_size}"
         )
+
+
+def _check_auto(cfg: RunConfig) -> None:
+    """The two settings that take an int/bool or ``auto``: anything else is refused here."""
+    micro = cfg.trainer.micro_batch_size
+    if not is_auto(micro) and (isinstance(micro, bool) or not isinstance(micro, int) or micro <= 0):
+        raise ConfigError(f"trainer.micro_batch_size={micro!r} is not allowed; it must be an "
+                          "integer > 0 or auto")
+    ckpt = cfg.model.gradient_checkpointing
+    if not is_auto(ckpt) and not isinstance(ckpt, bool):
+        raise ConfigError(f"model.gradient_checkpointing={ckpt!r} is not allowed; choose one of: "
+                          "true, false, auto")
 
 
 def accumulation_steps(cfg: RunConfig, world_size: int) -> int:

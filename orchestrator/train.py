@@ -32,7 +32,7 @@ from .metrics import build_logger
 from .preempt import StopRequest
 from .runinfo import code_info, hardware, library_versions, peak_flops
 from .model import base_linear_storage, count_parameters, load_tokenizer
-from .plan import MiB, PlanError, plan_for_run
+from .plan import MiB, PlanError, data_lengths, plan_for_run
 from .strategies import BatchPlan, build_strategy
 
 log = logging.getLogger("orchestrator")
@@ -109,11 +109,13 @@ def _report_holdings(strategy) -> list[dict]:
     return holdings
 
 
-def _planned_peak_mb(cfg: RunConfig, dist: DistInfo, compute_dtype: torch.dtype) -> float | None:
+def _planned_peak_mb(cfg: RunConfig, dist: DistInfo, compute_dtype: torch.dtype, splits) -> float | None:
     """What the planner expects this rank's measured peak to be (None for shapes it cannot
-    read): on CPU the process RSS, on CUDA the allocator peak (context excluded)."""
+    read), at the lengths of the data this run trains on: on CPU the process RSS, on CUDA the
+    allocator peak (context excluded)."""
     try:
-        plan = plan_for_run(cfg, dist.world_size, dist.device.type, compute_dtype.itemsize)
+        plan = plan_for_run(cfg, dist.world_size, dist.device.type, compute_dtype.itemsize,
+                            data=data_lengths(cfg, splits.train, splits.eval))
     except PlanError as exc:
         if dist.is_main:
             log.warning("memory plan unavailable: %s", exc)
@@ -176,7 +178,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     make_batch = (functools.partial(collate_packed, capacity=cfg.data.max_seq_len)
                   if cfg.data.packing else collate)
     accum = accumulation_steps(cfg, dist.world_size)
-    planned_mb = _planned_peak_mb(cfg, dist, compute_dtype)
+    planned_mb = _planned_peak_mb(cfg, dist, compute_dtype, splits)
     sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
                           dist.world_size, dist.rank, t.seed, fingerprint=splits.fingerprint)
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch

@@ -1,0 +1,122 @@
+"""The model's shape, from its config.json alone (no weights), and the counts that follow from it:
+parameters by kind, the decoder Linears LoRA attaches to, and bitsandbytes' 4-bit bytes.
+
+- 4-bit base: bitsandbytes packs two weights per byte; its constants are one absmax per block
+  of 64 (fp32, or uint8 plus an fp32 per 256 blocks with double quantization): 0.5625 or
+  0.51587 bytes per weight (FACTS.md). Every decoder Linear is quantized, the output head not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+GiB = 2**30
+MiB = 2**20
+
+#: The Linear modules of one Llama-family decoder layer (Llama, Mistral, Qwen2 share them).
+LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class PlanError(ValueError):
+    """A model or config the planner cannot plan for; the message names what and why."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers of a decoder-only transformer that decide its memory."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    name: str = ""
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each Linear of one decoder layer."""
+        h, i = self.hidden, self.intermediate
+        return {
+            "q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        }
+
+    def quantized_params(self) -> int:
+        """Weights of all decoder Linears (what bitsandbytes quantizes)."""
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    def other_params(self) -> int:
+        """Embeddings, output head (unless tied), norms and biases (left unquantized)."""
+        n = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
+        n += self.hidden * (2 * self.layers + 1)
+        if self.qkv_bias:
+            n += self.layers * (self.q_dim + 2 * self.kv_dim)
+        return n
+
+    def total_params(self) -> int:
+        return self.quantized_params() + self.other_params()
+
+
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "vocab_size")
+
+
+def read_shape(model_path: str) -> ModelShape:
+    """The shape in ``model_path/config.json`` (a transformers model directory; no weights needed)."""
+    cfg_file = Path(model_path) / "config.json"
+    if not cfg_file.is_file():
+        raise PlanError(f"model.path={model_path!r}: no config.json there to read the model's shape from")
+    cfg = json.loads(cfg_file.read_text())
+    cfg = {**cfg.get("text_config", {}), **cfg}  # multimodal wrappers keep the LM shape inside
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise PlanError(f"{cfg_file}: missing {', '.join(missing)}; the planner reads decoder-only "
+                        "(Llama/Mistral/Qwen-style) configs")
+    heads = cfg["num_attention_heads"]
+    return ModelShape(
+        hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
+        layers=cfg["num_hidden_layers"], heads=heads,
+        kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        vocab=cfg["vocab_size"], tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2",
+        name=cfg.get("_name_or_path") or Path(model_path).name,
+    )
+
+
+def lora_targets(shape: ModelShape, target_modules: list[str]) -> list[str]:
+    """The decoder Linears LoRA attaches to (PEFT matches names by suffix; all-linear = all)."""
+    if list(target_modules) == ["all-linear"]:
+        return list(LAYER_LINEARS)
+    unknown = [t for t in target_modules if t.split(".")[-1] not in LAYER_LINEARS]
+    if unknown:
+        raise PlanError(f"lora.target_modules={list(target_modules)!r}: the planner knows "
+                        f"{', '.join(LAYER_LINEARS)} or [all-linear], not {unknown[0]!r}")
+    return [t for t in LAYER_LINEARS if t in {x.split('.')[-1] for x in target_modules}]
+
+
+def lora_params(shape: ModelShape, targets: list[str], r: int) -> int:
+    lin = shape.linears()
+    return shape.layers * sum(r * (lin[t][0] + lin[t][1]) for t in targets)
+
+
+def nf4_bytes(n: int, double_quant: bool, blocksize: int = 64) -> float:
+    """Packed 4-bit weights plus quantization constants (bitsandbytes' layout)."""
+    blocks = math.ceil(n / blocksize)
+    if double_quant:
+        return n / 2 + blocks + math.ceil(blocks / 256) * 4
+    return n / 2 + blocks * 4
