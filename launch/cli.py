@@ -76,18 +76,27 @@ def cmd_train(args: list[str]) -> int:
         except SlurmError as exc:
             raise UsageError(str(exc)) from exc
     from launch.local import launch
+    from orchestrator import rundir
 
     print(f"run directory: {run_dir}", flush=True)
     rc = launch(cfg, run_dir)
+    state = rundir.read_state(run_dir)
     if rc == 0 and (run_dir / "summary.json").exists():
         print(f"outputs: {run_dir}/adapter (PEFT adapter), {run_dir}/summary.json, "
               f"{run_dir}/metrics.jsonl, {run_dir}/checkpoints", flush=True)
         print((run_dir / "summary.json").read_text(), end="")
-    elif rc == 0:
-        print(f"stopped at a checkpoint; continue with: orchestrate train run.dir={run_dir}", flush=True)
+    elif state.get("state") == "stopped" and rc in (0, state.get("exit_code")):
+        print(f"stopped on {state.get('reason')} at step {state.get('step')}: "
+              f"{rundir.resume_hint(run_dir)}", file=sys.stderr, flush=True)
+        rc = state.get("exit_code", 0)
+    elif state.get("state") == "failed" and state.get("reason", "").startswith("killed on a second"):
+        print(f"{state['reason']}: stopped at once; {rundir.resume_hint(run_dir)}", file=sys.stderr,
+              flush=True)
     else:
-        print(f"training failed (exit code {rc}); the run directory {run_dir} can be resumed with "
-              f"orchestrate train run.dir={run_dir}", file=sys.stderr, flush=True)
+        if state.get("state") in (None, "running"):
+            rundir.write_state(run_dir, "failed", reason=f"ranks exited with code {rc}", exit_code=rc)
+        print(f"training failed (exit code {rc}); {rundir.resume_hint(run_dir)}",
+              file=sys.stderr, flush=True)
     return rc
 
 
@@ -154,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a launch (during one, the launcher handles it)
+        print("interrupted", file=sys.stderr)
         return 130
 
 

@@ -28,3 +28,16 @@ def armed(kind: str, step: int, rank: int = 0) -> bool:
 def die() -> None:
     """Vanish like a killed process: no cleanup, no exception handlers."""
     os._exit(137)
+
+
+PACE_ENV = "ORCHESTRATOR_TEST_STEP_SECONDS"
+
+
+def pace() -> None:
+    """Make each step last at least ``$ORCHESTRATOR_TEST_STEP_SECONDS`` longer, so a test that
+    signals a run lands mid-training on a fast machine too."""
+    seconds = float(os.environ.get(PACE_ENV) or 0)
+    if seconds > 0:
+        import time
+
+        time.sleep(seconds)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, faults
+from . import checkpoint, faults, rundir
 from .config import RunConfig, accumulation_steps, to_container
 from .data import StepSampler, collate, collate_packed, describe, load_splits, model_inputs
 from .distributed import (
@@ -185,7 +185,9 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         state["eval_before"] = before
         logger.log(0, before)
 
-    stop = StopRequest(run_dir, dist.device)
+    stop = StopRequest(run_dir, dist.device, t.save_every_minutes)
+    if dist.is_main:
+        rundir.write_state(run_dir, "running", step=start_step)
     skipped = state.get("skipped_steps", 0)
     model.train()
     losses: list[float] = []
@@ -194,6 +196,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     step = start_step
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
+        faults.pace()
         if faults.armed("hang", step, dist.rank):
             time.sleep(3600)  # a rank stuck outside any collective
         set_phase(f"step {step} forward/backward (gradient all-reduce)")
@@ -262,15 +265,18 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         if t.eval_every and step % t.eval_every == 0 and not is_last and eval_examples:
             logger.log(step, _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast))
         periodic = bool(t.save_every) and step % t.save_every == 0 and not is_last
-        stopping = not is_last and stop.agreed()
-        if periodic or stopping:
+        stopping, timed = (False, False) if is_last else stop.at_boundary(dist.is_main)
+        if periodic or timed or stopping:
             state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss,
                          sampler=sampler.state_dict(step))
-            checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
+            saved = checkpoint.save(run_dir, step, strategy, dist, state, t.keep_last_n)
+            stop.saved()
         if stopping:
             if dist.is_main:
-                log.info("stop requested: checkpoint saved at step %d; the run resumes from it "
-                         "when started again with run.dir=%s", step, run_dir)
+                rundir.write_state(run_dir, "stopped", step=step, checkpoint=str(saved),
+                                   reason=stop.reason, exit_code=stop.exit_code)
+                log.info("stop requested (%s): checkpoint saved at step %d; the run resumes from it "
+                         "when started again with run.dir=%s", stop.reason, step, run_dir)
             logger.close()
             return RunResult(summary={"stopped_at_step": step}, model=model, losses=losses,
                              stopped=True)
@@ -314,4 +320,5 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     logger.close()
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        rundir.write_state(run_dir, "finished", step=step)
     return RunResult(summary=summary, model=model, losses=losses)
