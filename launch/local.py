@@ -68,8 +68,9 @@ def _descendants(pid: int) -> list[int]:
 class _Interrupts:
     """The launcher's handlers while torchrun runs: first signal -> STOP, second -> kill."""
 
-    def __init__(self, run_dir: Path, proc: subprocess.Popen, quiet: bool):
-        self.run_dir, self.proc, self.quiet = run_dir, proc, quiet
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.proc: Optional[subprocess.Popen] = None
         self.signal: Optional[signal.Signals] = None
         self.killed = False
         self.previous = {s: signal.signal(s, self._handle) for s in INTERRUPT_CODES}
@@ -81,9 +82,10 @@ class _Interrupts:
         if self.signal is None:
             self.signal = sig
             (self.run_dir / STOP_FILE).write_text(sig.name + "\n")
-            if not self.quiet:
-                print(f"\n{sig.name}: the ranks will checkpoint at the next step boundary and stop "
-                      "(Ctrl-C again to exit at once, without a checkpoint)", file=sys.stderr, flush=True)
+            print(f"\n{sig.name}: the ranks will checkpoint at the next step boundary and stop "
+                  "(Ctrl-C again to exit at once, without a checkpoint)", file=sys.stderr, flush=True)
+            return
+        if self.proc is None:
             return
         self.killed = True
         for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
@@ -111,15 +113,14 @@ def launch(cfg, run_dir: Path, log_path: Optional[Path] = None) -> int:
         env[rundir.TOKEN_ENV] = lock.token
     rundir.write_state(run_dir, "running")
     log = open(log_path, "ab") if log_path is not None else None
+    interrupts = _Interrupts(run_dir)
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                start_new_session=True, pass_fds=(lock.fd,) if lock else ())
-        interrupts = _Interrupts(run_dir, proc, quiet=False)
-        try:
-            rc = proc.wait()
-        finally:
-            interrupts.restore()
+        interrupts.proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+            start_new_session=True, pass_fds=(lock.fd,) if lock else ())
+        rc = interrupts.proc.wait()
     finally:
+        interrupts.restore()
         if log is not None:
             log.close()
     if interrupts.killed:

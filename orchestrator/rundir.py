@@ -8,10 +8,13 @@ RUN_DIR/state.json   running | stopped | finished | failed, with step, checkpoin
 ```
 Why flock: the kernel drops it when the last process holding it dies (kill -9, OOM, a node
 reboot), so a crashed run never leaves a lock that blocks the next launch; the record only
-names the holder. Two rules cover what flock cannot see: a run submitted to Slurm owns the
+names the holder. Two rules cover what flock cannot see (a lock that lingers on a network
+file system, a process of an old incarnation still dying): a run submitted to Slurm owns the
 directory while its job is pending or running (the record names the job id; a finished job
-does not block), and a Slurm job re-entering its own directory (a requeue, a torchrun
-restart) takes it over, since Slurm runs one incarnation of a job id at a time.
+does not block), and a later incarnation of the holder's own job (a requeue, a torchrun
+restart: a higher SLURM_RESTART_COUNT or TORCHELASTIC_RESTART_COUNT) takes it over, since
+Slurm runs one incarnation of a job id at a time. Two launches inside one allocation are
+the same incarnation: the second is refused.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ def own_job_id() -> Optional[str]:
     if array and task:
         return f"{array}_{task}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+def _attempt() -> list[int]:
+    """Which incarnation of the job this is: (Slurm requeues, torchrun restarts)."""
+    return [int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+            int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)]
 
 
 def job_active(job_id: str) -> Optional[bool]:
@@ -145,7 +154,9 @@ def acquire(run_dir: Path) -> RunLock:
     if fd is not None and job and job != mine and job_active(job):
         os.close(fd)  # submitted, pending or between attempts: the job owns it
         fd = None
-    elif fd is None and job and (job == mine or job_active(job) is False):
+    elif fd is None and job and (
+            (job == mine and _attempt() > list(old.get("attempt") or [0, 0]))
+            or job_active(job) is False):
         fd = _take_over(path)  # our own earlier incarnation, or a job that has ended
     if fd is None:
         raise RunDirBusy(
@@ -154,7 +165,7 @@ def acquire(run_dir: Path) -> RunLock:
         )
     lock = RunLock(run_dir, fd, {})
     lock._write({"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": mine,
-                 "since": _now(), "token": secrets.token_hex(8)})
+                 "attempt": _attempt(), "since": _now(), "token": secrets.token_hex(8)})
     return lock
 
 

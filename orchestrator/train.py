@@ -196,9 +196,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     step = start_step
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
-        faults.pace()
-        if faults.armed("hang", step, dist.rank):
-            time.sleep(3600)  # a rank stuck outside any collective
+        faults.at_step_start(step, dist.rank, run_dir)  # test hooks: pace, wait, hang
         set_phase(f"step {step} forward/backward (gradient all-reduce)")
         micro = [make_batch([train_examples[i] for i in mb], tokenizer.pad_token_id)
                  for mb in sampler.micro_batches(step - 1)]
