@@ -49,7 +49,6 @@ class _Signals:
         self.first = 0.0
         self.boundary = threading.Event()  # set once the ranks agreed to stop
         self.last_step_s = 0.0  # the slowest step interval so far (the watchdog's yardstick)
-        self.installed = False
 
 
 _SIG = _Signals()
@@ -83,15 +82,14 @@ def _watchdog(name: str, exit_code: int) -> None:
     os._exit(exit_code)
 
 
-def install_signal_handlers() -> None:
-    """Route stop signals into the agreed stop (call early, from the main thread)."""
-    if _SIG.installed:
-        return
+def install_signal_handlers(signals: tuple[signal.Signals, ...] = (
+        signal.SIGUSR1, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> None:
+    """Route stop signals into the agreed stop (call early, from the main thread). A rank
+    process takes them all; an in-process run (tests) only USR1, leaving its host's Ctrl-C be."""
     try:
-        for sig in (signal.SIGUSR1, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in signals:
             signal.signal(sig, _handler)
-        _SIG.installed = True
-    except ValueError:  # not the main thread (in-process tests)
+    except ValueError:  # not the main thread
         pass
 
 
@@ -114,7 +112,7 @@ class StopRequest:
         self.last_save = self.last_boundary = time.monotonic()
         self.reason = ""
         self.exit_code = 0
-        install_signal_handlers()
+        install_signal_handlers((signal.SIGUSR1,))
 
     @property
     def signalled(self) -> bool:
