@@ -30,7 +30,7 @@ def default_nproc() -> int:
 def torchrun_command(cfg, run_dir: Path) -> list[str]:
     nproc = cfg.launcher.nproc_per_node or default_nproc()
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "launch.torchrun",
         "--standalone", f"--nproc_per_node={nproc}", f"--max_restarts={cfg.launcher.max_restarts}",
         "-m", "launch.worker", str(run_dir),
     ]

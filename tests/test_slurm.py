@@ -23,9 +23,10 @@ COMMON = [
 ]
 
 
-def _submit(slurm, run_dir: Path, *overrides: str) -> str:
+def _submit(slurm, run_dir: Path, *overrides: str, env: dict | None = None) -> str:
     proc = orchestrate("train", "launcher=slurm", "launcher.nodes=2", "launcher.time=00:15:00",
-                       f"run.dir={run_dir}", *COMMON, *overrides, env={"SLURM_CONF": str(slurm.conf)})
+                       f"run.dir={run_dir}", *COMMON, *overrides,
+                       env={"SLURM_CONF": str(slurm.conf), **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"script: {run_dir / 'job.sbatch'}" in proc.stdout
     job_id = (run_dir / "slurm_job_id").read_text().strip()
@@ -174,9 +175,10 @@ def test_values_cannot_inject_shell(tmp_path) -> None:
 def test_scancel_checkpoints_and_a_local_launch_resumes(slurm, tmp_path) -> None:
     """Plain `scancel` (SIGTERM to every process of the job, SIGKILL after KillWait): the ranks
     checkpoint at the next step boundary, the job is not requeued, and a local launch resumes."""
-    steps = 30
+    steps = 12
     run_dir = tmp_path / "cancelled"
-    job = _submit(slurm, run_dir, f"trainer.max_steps={steps}")
+    job = _submit(slurm, run_dir, f"trainer.max_steps={steps}",
+                  env={"ORCHESTRATOR_TEST_STEP_SECONDS": "0.3"})  # scancel lands mid-run
     assert json.loads((run_dir / "run.lock").read_text())["slurm_job_id"] == job  # pending: it owns R
     refused = orchestrate("train", "launcher=slurm", "launcher.nodes=2", "launcher.time=00:15:00",
                           f"run.dir={run_dir}", *COMMON, f"trainer.max_steps={steps}",
@@ -196,7 +198,8 @@ def test_scancel_checkpoints_and_a_local_launch_resumes(slurm, tmp_path) -> None
     stopped_at = state["step"]
     assert 3 <= stopped_at < steps
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:08d}"
-    assert slurm.squeue_state(job) == "CANCELLED"
+    assert slurm.wait(job, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120) == "CANCELLED"
+    assert "Traceback" not in _log(run_dir, job)
 
     resumed = orchestrate("train", f"run.dir={run_dir}", "launcher.nproc_per_node=2",
                           f"trainer.max_steps={steps}", *COMMON)
