@@ -47,16 +47,12 @@ def worker_env(nproc: int) -> dict[str, str]:
 
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (torchrun's ranks live in sessions of their own)."""
+    from orchestrator.preempt import parent_pid
+
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit():
+            children.setdefault(parent_pid(entry), []).append(int(entry))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):

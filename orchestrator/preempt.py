@@ -12,9 +12,10 @@ Ranks agree through one tiny all-reduce per step, so they all checkpoint the sam
 carries the highest stop reason seen on any rank and rank 0's verdict on the checkpoint clock
 (one clock decides, so ranks never disagree about a time-based save).
 
-SIGTERM is also how torchrun tears down a group after a real failure. A rank of a failed group
-cannot agree on anything: its next collective fails (gloo at once, NCCL at its timeout), and a
-watchdog ends a rank that is stuck outside any collective when no step boundary comes within
+SIGTERM is also how torchrun tears down a group after a real failure. A rank that gets it after
+a rank on its node has exited exits at once. A rank of a failed group elsewhere cannot agree on
+anything: its next collective fails (gloo at once, NCCL at its timeout), and a watchdog ends a
+rank that is stuck outside any collective when no step boundary comes within
 ``max(10 s, 3 x the slowest step so far)`` of the signal; torchrun's own SIGKILL after its
 ``--shutdown-timeout`` (30 s) is the last resort. A second Ctrl-C (SIGINT more than a second
 after the first; torchrun's forwarded copy arrives within milliseconds) exits at once.
@@ -63,9 +64,31 @@ def _handler(signum: int, frame) -> None:
         os._exit(130)
     if _SIG.code:
         return
+    if signum == signal.SIGTERM and _local_group_broken():
+        print(f"rank {os.environ.get('RANK', 0)}: SIGTERM after a rank on this node exited: the "
+              "group is being torn down; exiting without a checkpoint", file=sys.stderr, flush=True)
+        os._exit(143)
     _SIG.code, _SIG.first = _CODE[name], now
     if signum != signal.SIGUSR1:  # USR1 is Slurm's warning: there is time, no watchdog
         threading.Thread(target=_watchdog, args=(name, REASONS[_CODE[name]][1]), daemon=True).start()
+
+
+def _local_group_broken() -> bool:
+    """True when torchrun's SIGTERM is a teardown: one of its ranks on this node is gone
+    already (torchrun reaped it). A stop request finds every local rank alive."""
+    expected = int(os.environ.get("LOCAL_WORLD_SIZE") or 0)
+    if expected < 2 or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    parent = os.getppid()
+    return sum(parent_pid(e) == parent for e in os.listdir("/proc") if e.isdigit()) < expected
+
+
+def parent_pid(pid: str) -> int:
+    """The parent of process ``pid`` (-1 when it is gone)."""
+    try:  # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def _watchdog(name: str, exit_code: int) -> None:
@@ -104,8 +127,9 @@ def file_reason(run_dir: Path) -> Optional[str]:
 
 
 class StopRequest:
+    """The loop's view at each step boundary: stop now, save now by the clock, and why."""
+
     def __init__(self, run_dir: Path, device: torch.device, save_every_minutes: float = 0.0):
-        self.file = run_dir / STOP_FILE
         self.run_dir = run_dir
         self.device = device
         self.interval_s = 60.0 * save_every_minutes
@@ -113,10 +137,6 @@ class StopRequest:
         self.reason = ""
         self.exit_code = 0
         install_signal_handlers((signal.SIGUSR1,))
-
-    @property
-    def signalled(self) -> bool:
-        return bool(_SIG.code)
 
     def local(self) -> int:
         """This rank's stop reason code (0: none)."""
@@ -137,10 +157,6 @@ class StopRequest:
             _SIG.boundary.set()
             self.reason, self.exit_code = REASONS[code]
         return bool(code), due_all
-
-    def agreed(self) -> bool:
-        """True on every rank if any rank saw a stop request (a collective: call on all)."""
-        return self.at_boundary(False)[0]
 
     def saved(self) -> None:
         """A checkpoint was written: the clock counts from here."""
