@@ -37,6 +37,9 @@ commands:
            [temperature=T] [top_p=P] [top_k=K] [seed=S] [merged=true|DIR]
                                       answer prompts with the trained adapter, formatted as in
                                       training (greedy unless temperature>0); no prompt: interactive
+  status [RUN_DIR | SWEEP_DIR ...]    one line per run (default: every run under run.root, newest
+                                      first): state, step, loss, eval loss, tokens/s, ETA, latest
+                                      checkpoint, Slurm job and its state; sweeps with their trials
   report RUN_DIR [RUN_DIR ...] [out=PNG]
                                       curves.png (train/eval loss, lr, tokens/s over steps; runs or
                                       a sweep's trials overlaid) and each finished run's table
@@ -102,20 +105,29 @@ def cmd_train(args: list[str]) -> int:
         except SlurmError as exc:
             raise UsageError(str(exc)) from exc
     from launch.local import launch
+    from orchestrator import rundir
 
     print(f"run directory: {run_dir}", flush=True)
     started = time.monotonic()
     rc = launch(cfg, run_dir)
+    state = rundir.read_state(run_dir)
     if rc == 0 and (run_dir / "summary.json").exists():
         from launch.report import CURVES, summary_table, write_curves
 
         write_curves([run_dir], run_dir / CURVES)
         print(f"\n{summary_table(run_dir, time.monotonic() - started)}", flush=True)
-    elif rc == 0:
-        print(f"stopped at a checkpoint; continue with: orchestrate train run.dir={run_dir}", flush=True)
+    elif state.get("state") == "stopped" and rc in (0, state.get("exit_code")):
+        print(f"stopped on {state.get('reason')} at step {state.get('step')}: "
+              f"{rundir.resume_hint(run_dir)}", file=sys.stderr, flush=True)
+        rc = state.get("exit_code", 0)
+    elif state.get("state") == "failed" and state.get("reason", "").startswith("killed on a second"):
+        print(f"{state['reason']}: stopped at once; {rundir.resume_hint(run_dir)}", file=sys.stderr,
+              flush=True)
     else:
-        print(f"training failed (exit code {rc}); the run directory {run_dir} can be resumed with "
-              f"orchestrate train run.dir={run_dir}", file=sys.stderr, flush=True)
+        if state.get("state") in (None, "running"):
+            rundir.write_state(run_dir, "failed", reason=f"ranks exited with code {rc}", exit_code=rc)
+        print(f"training failed (exit code {rc}); {rundir.resume_hint(run_dir)}",
+              file=sys.stderr, flush=True)
     return rc
 
 
@@ -197,9 +209,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command, rest = args[0], args[1:]
     from launch.generate import cmd_generate
     from launch.report import cmd_report
+    from launch.status import cmd_status
 
     commands = {"train": cmd_train, "plan": cmd_plan, "merge": cmd_merge,
-                "sweep-report": cmd_sweep_report, "generate": cmd_generate, "report": cmd_report}
+                "sweep-report": cmd_sweep_report, "generate": cmd_generate, "report": cmd_report,
+                "status": cmd_status}
     try:
         if command not in commands:
             raise UsageError(f"unknown command {command!r}; choose one of: {', '.join(commands)}")
@@ -207,7 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a launch (during one, the launcher handles it)
+        print("interrupted", file=sys.stderr)
         return 130
 
 

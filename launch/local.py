@@ -1,12 +1,24 @@
-"""Single-node launcher: torchrun with one rank per GPU (or 2 CPU ranks without GPUs)."""
+"""Single-node launcher: torchrun with one rank per GPU (or 2 CPU ranks without GPUs).
+
+The launcher is the process the user talks to. torchrun runs in a session of its own, so the
+terminal's Ctrl-C reaches only the launcher, which turns it (and SIGTERM, SIGHUP) into the
+ranks' agreed stop by writing ``RUN_DIR/STOP`` with the signal's name; torchrun never sees the
+signal, so it cannot kill the ranks mid-checkpoint after its shutdown timeout. A second signal
+kills torchrun and the ranks at once. The launcher holds the run directory's lock and passes it
+to torchrun, so the lock lives as long as any process of the run does.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
+
+# What the launcher's exit code is when a signal interrupted it (the shell's convention).
+INTERRUPT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 def default_nproc() -> int:
@@ -33,12 +45,83 @@ def worker_env(nproc: int) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun's ranks live in sessions of their own)."""
+    from orchestrator.preempt import parent_pid
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            children.setdefault(parent_pid(entry), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class _Interrupts:
+    """The launcher's handlers while torchrun runs: first signal -> STOP, second -> kill."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.proc: Optional[subprocess.Popen] = None
+        self.signal: Optional[signal.Signals] = None
+        self.killed = False
+        self.previous = {s: signal.signal(s, self._handle) for s in INTERRUPT_CODES}
+
+    def _handle(self, signum: int, frame) -> None:
+        from orchestrator.preempt import STOP_FILE
+
+        sig = signal.Signals(signum)
+        if self.signal is None:
+            self.signal = sig
+            (self.run_dir / STOP_FILE).write_text(sig.name + "\n")
+            print(f"\n{sig.name}: the ranks will checkpoint at the next step boundary and stop "
+                  "(Ctrl-C again to exit at once, without a checkpoint)", file=sys.stderr, flush=True)
+            return
+        if self.proc is None:
+            return
+        self.killed = True
+        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def launch(cfg, run_dir: Path, log_path: Optional[Path] = None) -> int:
-    """Run torchrun in the foreground; returns its exit code. With ``log_path`` (sweep trials)
-    the ranks' output goes to that file instead of the console."""
+    """Run torchrun in the foreground; returns its exit code, or 128 + the signal number when a
+    signal to the launcher stopped the run. With ``log_path`` (sweep trials) the ranks' output
+    goes to that file instead of the console."""
+    from orchestrator import rundir
+
     cmd = torchrun_command(cfg, run_dir)
     nproc = cfg.launcher.nproc_per_node or default_nproc()
-    if log_path is None:
-        return subprocess.call(cmd, env=worker_env(nproc))
-    with open(log_path, "ab") as log:
-        return subprocess.call(cmd, env=worker_env(nproc), stdout=log, stderr=subprocess.STDOUT)
+    env = worker_env(nproc)
+    lock = rundir.held(run_dir)
+    if lock is not None:
+        env[rundir.TOKEN_ENV] = lock.token
+    rundir.write_state(run_dir, "running")
+    log = open(log_path, "ab") if log_path is not None else None
+    interrupts = _Interrupts(run_dir)
+    try:
+        interrupts.proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+            start_new_session=True, pass_fds=(lock.fd,) if lock else ())
+        rc = interrupts.proc.wait()
+    finally:
+        interrupts.restore()
+        if log is not None:
+            log.close()
+    if interrupts.killed:
+        rundir.write_state(run_dir, "failed", reason=f"killed on a second {interrupts.signal.name}",
+                           exit_code=INTERRUPT_CODES[interrupts.signal])
+    if interrupts.signal is not None and rundir.read_state(run_dir).get("state") != "finished":
+        return INTERRUPT_CODES[interrupts.signal]
+    return rc

@@ -301,16 +301,19 @@ def prepare_run_dir(cfg, overrides: Sequence[str]) -> Path:
     """Create (or re-enter) the run directory and freeze the resolved config in it."""
     import yaml
 
+    from orchestrator import rundir
     from orchestrator.config import to_container
     from orchestrator.preempt import STOP_FILE
 
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg)
     run_dir = run_dir.resolve()
     cfg.run.dir = str(run_dir)
+    _lock(run_dir)  # one writer per run directory: refuse before touching anything in it
     frozen = run_dir / "config.yaml"
     new = to_container(cfg)
     if frozen.exists():
         if not cfg.run.resume:
+            rundir.let_go(run_dir)
             raise UsageError(
                 f"run.dir={run_dir} already holds a run and run.resume=false; "
                 "choose another run.dir or pass run.resume=true to continue it"
@@ -318,6 +321,7 @@ def prepare_run_dir(cfg, overrides: Sequence[str]) -> Path:
         old = yaml.safe_load(frozen.read_text()) or {}
         changed = [k for k in _RUN_IDENTITY if old.get(k) != new.get(k)]
         if changed:
+            rundir.let_go(run_dir)
             raise UsageError(
                 f"run.dir={run_dir} belongs to a run with a different config ({', '.join(changed)} "
                 "differ); resume it with the same overrides or choose another run.dir"
@@ -331,3 +335,15 @@ def prepare_run_dir(cfg, overrides: Sequence[str]) -> Path:
         raise UsageError(f"run.dir={str(run_dir)!r} cannot be written: {exc.strerror or exc} "
                          f"({exc.filename or run_dir})") from exc
     return run_dir
+
+
+def _lock(run_dir: Path) -> None:
+    """Hold ``run_dir`` for this launch (released when the launcher exits, or handed to the
+    Slurm job it submits); a directory another run writes is refused with its holder named."""
+    from orchestrator import rundir
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        rundir.hold(run_dir)
+    except rundir.RunDirBusy as exc:
+        raise UsageError(str(exc)) from None

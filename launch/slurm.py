@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from orchestrator import rundir
+
 # A wheel carries the repository's slurm/ as launch/_slurm (setup.py); a clone and an editable
 # install read slurm/ at the top of the repository.
 _PACKAGED = Path(__file__).resolve().parent / "_slurm"
@@ -143,13 +145,24 @@ def _sbatch(path: Path) -> str:
     return out.stdout.strip().split(";")[0]
 
 
+def _hand_over(run_dir: Path, job_id: str) -> None:
+    """The submitted job owns the run directory while it is pending or running (its rank 0
+    takes the lock when it starts): a second submission is refused meanwhile."""
+    lock = rundir.held(run_dir)
+    if lock is not None:
+        lock.hand_over(job_id)
+        rundir.let_go(run_dir)
+
+
 def submit(cfg, run_dir: Path) -> int:
     """Write ``run_dir/job.sbatch``; submit it unless dry_run. Returns an exit code."""
     path = _write_script(cfg, run_dir)
     if path is None:
+        rundir.let_go(run_dir)
         return 0
     job_id = _sbatch(path)
     (run_dir / "slurm_job_id").write_text(job_id + "\n")
+    _hand_over(run_dir, job_id)
     print(f"submitted Slurm job {job_id}")
     print(f"script: {path}")
     print(f"log: {run_dir / ('slurm-' + job_id + '.out')}")
@@ -170,6 +183,7 @@ def submit_array(cfg, sweep_dir: Path, tasks: list[int], name: str) -> int:
     (sweep_dir / "slurm_job_id").write_text(job_id + "\n")
     for task in tasks:
         (trial_dir(sweep_dir, task) / "slurm_job_id").write_text(f"{job_id}_{task}\n")
+        _hand_over(trial_dir(sweep_dir, task), f"{job_id}_{task}")
     print(f"submitted Slurm job array {job_id} (--array={array.spec()}): {len(tasks)} trials")
     print(f"script: {path}")
     print(f"logs: {sweep_dir}/trial-NNN/slurm-{job_id}_N.out")

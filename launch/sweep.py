@@ -80,13 +80,19 @@ def _announce(state: dict[str, Any], metric: str, total: int) -> None:
 
 def _run_local(sweep: Sweep, index: int, overrides: list[str], params: dict[str, Any],
                total: int) -> dict[str, Any]:
-    from launch.local import launch
+    from launch.local import INTERRUPT_CODES, launch
+    from orchestrator import rundir
 
     cfg = sweep.prepare(index, overrides, params)
     path = trial_dir(sweep.dir, index)
     if cfg is not None:
         print(f"{_label(index, total)}: running (log: {path / 'train.log'})", flush=True)
-        record_exit(path, launch(cfg, path, log_path=path / "train.log"))
+        rc = launch(cfg, path, log_path=path / "train.log")
+        rundir.let_go(path)
+        record_exit(path, rc)
+        if rc in INTERRUPT_CODES.values():  # the user stopped the sweep, not just this trial
+            print(f"{_label(index, total)}: interrupted; {rundir.resume_hint(path)}", flush=True)
+            raise KeyboardInterrupt
     state = trial_state(path)
     _announce(state, sweep.cfg.sweep.metric, total)
     return state

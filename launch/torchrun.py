@@ -1,10 +1,14 @@
-"""torchrun, with a failed group ending in its rank's exit code instead of a stack trace.
+"""``python -m launch.torchrun``: torchrun, ending in one line and an exit code instead of a
+stack trace, both when a rank failed and when it was told to stop.
 
-``python -m torch.distributed.run`` reports any failed rank by raising ChildFailedError out of
-its main: ~30 lines of traceback and failure table after the rank has already said, in one
-line, what went wrong (a full disk, a non-finite loss, bad data). This runs the same torchrun
-in the same way and turns that exception into the first failed rank's exit code, with one line
-only where the rank could not speak for itself (killed by a signal).
+- A failed rank: ``python -m torch.distributed.run`` raises ChildFailedError out of its main,
+  ~30 lines of traceback and failure table after the rank has already said, in one line, what
+  went wrong (a full disk, a non-finite loss, bad data). This returns the first failed rank's
+  exit code, with one line only where the rank could not speak for itself (killed by a signal).
+- Told to stop: torchrun turns SIGTERM/SIGINT/SIGHUP into ``SignalException`` after forwarding
+  the signal to the ranks and re-raises it, so a ``scancel`` (SIGTERM to every process of the
+  job) ended the job's log with a traceback although the ranks stopped cleanly at a checkpoint.
+  This prints one line and exits 128 + the signal number, as a shell would.
 
 Usage is torchrun's own: ``python -m launch.torchrun [torchrun options] -m launch.worker RUN_DIR``.
 """
@@ -25,6 +29,7 @@ class _DropFailedLine(logging.Filter):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
@@ -38,6 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   file=sys.stderr, flush=True)
             return 128 - failure.exitcode
         return failure.exitcode
+    except SignalException as exc:
+        print(f"torchrun: {exc.sigval.name}: the ranks were asked to stop", file=sys.stderr, flush=True)
+        return 128 + int(exc.sigval)
     return 0
 
 

@@ -42,7 +42,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(args[0])
     rank = int(os.environ.get("RANK", 0))
+    from orchestrator import rundir
+    from orchestrator.preempt import install_signal_handlers
+
+    install_signal_handlers()  # before the slow imports: Ctrl-C/SIGTERM now mean "stop cleanly"
     _setup_logging(rank)
+    if rank == 0:
+        try:
+            lock = rundir.claim_for_rank(run_dir)  # noqa: F841 (held until this process exits)
+        except rundir.RunDirBusy as exc:
+            print(f"rank {rank}: error: {exc}", file=sys.stderr, flush=True)
+            return 2
     from orchestrator.config import from_container
     from orchestrator.checkpoint import CheckpointWriteError
     from orchestrator.data import DataError
@@ -52,15 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg, run_dir)
     except DataError as exc:
-        print(f"rank {rank}: error: {exc}", file=sys.stderr)
-        return 2
+        return _failed(run_dir, f"rank {rank}: error: {exc}", 2)
     except NonFiniteError as exc:
-        print(f"rank {rank}: error: {exc}", file=sys.stderr)
-        return 3
+        return _failed(run_dir, f"rank {rank}: error: {exc}", 3)
     except CheckpointWriteError as exc:  # every rank raises it together: one line for the event
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 4
+        return _failed(run_dir, f"error: {exc}", 4) if rank == 0 else 4
     except Exception as exc:
         import traceback
 
@@ -68,9 +74,16 @@ def main(argv: list[str] | None = None) -> int:
 
         traceback.print_exc()
         timeout = getattr(cfg.launcher, "dist_timeout_s", 600)
-        print(f"error: {describe_failure(exc, rank, timeout)}", file=sys.stderr, flush=True)
-        return 1
+        return _failed(run_dir, f"error: {describe_failure(exc, rank, timeout)}", 1)
     return 0
+
+
+def _failed(run_dir: Path, line: str, code: int) -> int:
+    from orchestrator import rundir
+
+    print(line, file=sys.stderr, flush=True)
+    rundir.write_state(run_dir, "failed", reason=line.split("error: ", 1)[-1], exit_code=code)
+    return code
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def save(
         torch.save(rng, tmp / f"rng-rank{dist.rank}.pt")
     with _agreed(run_dir, what, tmp, dist):
         if dist.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+            # The step last: a resumed run's state still holds the step it was loaded at.
+            (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
             _fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)

@@ -158,6 +158,9 @@ class TrainerConfig:
     eval_max_new_tokens: int = 16
     # Save a resumable checkpoint every N optimizer steps (0: only at the end).
     save_every: int = 0
+    # Also save when this many minutes have passed since the last save (0: off), so a crash,
+    # OOM kill or lost node costs at most this much work. Rank 0's clock decides for all.
+    save_every_minutes: float = 30.0
     # Keep this many complete checkpoints (0: keep all).
     keep_last_n: int = 2
     # On a non-finite loss or gradient norm: stop (the last good checkpoint stays) or skip
@@ -464,7 +467,7 @@ def validate(cfg: RunConfig) -> None:
         positive(key)
     for key in ("trainer.eval_every", "trainer.save_every", "trainer.eval_generate_examples",
                 "optim.warmup_steps", "optim.weight_decay", "trainer.max_grad_norm",
-                "trainer.keep_last_n"):
+                "trainer.keep_last_n", "trainer.save_every_minutes"):
         positive(key, allow_zero=True)
     for key in ("logger.wandb.probe_timeout_s", "logger.wandb.init_timeout_s",
                 "logger.wandb.finish_timeout_s"):

@@ -2,8 +2,8 @@
 
 The variable is honoured only when it is set, which no real run does: ``kind:step[:rank]``,
 e.g. ``checkpoint_write:4`` (die halfway through writing the step-4 checkpoint) or
-``nan_loss:3`` (poison the loss of step 3). Keeping the hooks here, named, makes it obvious
-where a test can reach into the loop and that nothing else can.
+``nan_loss:3`` (poison the loss of step 3); several are comma-separated. Keeping the hooks
+here, named, makes it obvious where a test can reach into the loop and that nothing else can.
 """
 
 from __future__ import annotations
@@ -16,15 +16,43 @@ ENV = "ORCHESTRATOR_TEST_FAULT"
 def armed(kind: str, step: int, rank: int = 0) -> bool:
     """True where the test asked for ``kind`` at ``step`` (on ``rank``). Faults fire in the
     first attempt only: a group torchrun restarted after the fault runs clean."""
-    spec = os.environ.get(ENV)
-    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    specs = os.environ.get(ENV)
+    if not specs or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         return False
-    parts = spec.split(":")
-    if parts[0] != kind or int(parts[1]) != step:
-        return False
-    return len(parts) < 3 or int(parts[2]) == rank
+    for spec in specs.split(","):  # several faults: "wait:4:1,hang:6:1"
+        parts = spec.split(":")
+        if parts[0] == kind and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank):
+            return True
+    return False
 
 
 def die() -> None:
     """Vanish like a killed process: no cleanup, no exception handlers."""
     os._exit(137)
+
+
+PACE_ENV = "ORCHESTRATOR_TEST_STEP_SECONDS"
+RELEASE_FILE = "CONTINUE"
+WAITING_FILE = "WAITING"  # there while a rank waits for RELEASE_FILE
+
+
+def at_step_start(step: int, rank: int, run_dir) -> None:
+    """Test hooks at a step's start, so a test can signal a run at a known step on a machine of
+    any speed: ``$ORCHESTRATOR_TEST_STEP_SECONDS`` makes every step that much longer, and
+    ``wait:STEP[:RANK]`` holds the rank there until the test creates ``RUN_DIR/CONTINUE``, and
+    ``hang:STEP[:RANK]`` for good (``RUN_DIR/WAITING`` says a rank is held)."""
+    import time
+
+    seconds = float(os.environ.get(PACE_ENV) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+    if armed("hang", step, rank):  # a rank stuck outside any collective
+        (run_dir / WAITING_FILE).write_text(f"{step}\n")
+        time.sleep(3600)
+    if armed("wait", step, rank):
+        release, waiting = run_dir / RELEASE_FILE, run_dir / WAITING_FILE
+        waiting.write_text(f"{step}\n")
+        while not release.exists():
+            time.sleep(0.05)
+        waiting.unlink()
+        release.unlink()

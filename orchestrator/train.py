@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, commcount, faults
+from . import checkpoint, commcount, faults, rundir
 from .config import RunConfig, accumulation_steps, to_container
 from .data import StepSampler, collate, collate_packed, describe, load_splits, model_inputs
 from .distributed import (
@@ -132,11 +132,11 @@ def _log_memory(planned: float | None, peaks: list[float]) -> None:
                      measured, 100.0 * (planned - measured) / measured)
 
 
-def _write(logger, write, *args) -> None:
+def _write(logger, write, *args):
     """A checkpoint or adapter that cannot be written stops the run on every rank
     (CheckpointWriteError); the sinks are closed first so that what was logged is kept."""
     try:
-        write(*args)
+        return write(*args)
     except checkpoint.CheckpointWriteError:
         logger.close()
         raise
@@ -221,7 +221,9 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         state["eval_before"] = before
         logger.log(0, before)
 
-    stop = StopRequest(run_dir, dist.device)
+    stop = StopRequest(run_dir, dist.device, t.save_every_minutes)
+    if dist.is_main:
+        rundir.write_state(run_dir, "running", step=start_step)
     skipped = state.get("skipped_steps", 0)
     model.train()
     losses: list[float] = []
@@ -230,8 +232,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     step = start_step
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
-        if faults.armed("hang", step, dist.rank):
-            time.sleep(3600)  # a rank stuck outside any collective
+        faults.at_step_start(step, dist.rank, run_dir)  # test hooks: pace, wait, hang
         set_phase(f"step {step} forward/backward (gradient all-reduce)")
         micro = [make_batch([train_examples[i] for i in mb], tokenizer.pad_token_id)
                  for mb in sampler.micro_batches(step - 1)]
@@ -300,15 +301,19 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             logger.log(step, _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast))
         set_phase(f"step {step} stop-request check (all-reduce)")
         periodic = bool(t.save_every) and step % t.save_every == 0 and not is_last
-        stopping = not is_last and stop.agreed()
-        if periodic or stopping:
+        stopping, timed = (False, False) if is_last else stop.at_boundary(dist.is_main)
+        if periodic or timed or stopping:
             state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss,
                          sampler=sampler.state_dict(step))
-            _write(logger, checkpoint.save, run_dir, step, strategy, dist, state, t.keep_last_n)
+            saved = _write(logger, checkpoint.save, run_dir, step, strategy, dist, state,
+                           t.keep_last_n)
+            stop.saved()
         if stopping:
             if dist.is_main:
-                log.info("stop requested: checkpoint saved at step %d; the run resumes from it "
-                         "when started again with run.dir=%s", step, run_dir)
+                rundir.write_state(run_dir, "stopped", step=step, checkpoint=str(saved),
+                                   reason=stop.reason, exit_code=stop.exit_code)
+                log.info("stop requested (%s): checkpoint saved at step %d; the run resumes from it "
+                         "when started again with run.dir=%s", stop.reason, step, run_dir)
             logger.close()
             return RunResult(summary={"stopped_at_step": step}, model=model, losses=losses,
                              stopped=True)
@@ -354,6 +359,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     }
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        rundir.write_state(run_dir, "finished", step=step)
     set_phase("logger finish (W&B upload on rank 0)")
     logger.close()  # after the results are on disk: a slow upload must not hold them back
     return RunResult(summary=summary, model=model, losses=losses)

@@ -79,7 +79,7 @@ SlurmctldLogFile={self.root}/slurmctld.log
 SlurmdLogFile={self.root}/slurmd-%n.log
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1
-KillWait=5
+KillWait=30
 MinJobAge=3600
 InactiveLimit=0
 NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 CPUs=1 RealMemory=10000 Port=17001-17002 State=UNKNOWN

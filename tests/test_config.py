@@ -80,10 +80,12 @@ def test_tokenizer_model_mismatch(tmp_path) -> None:
 
 def test_existing_run_dir_guards(tmp_path) -> None:
     from launch.prepare import build_config, prepare_run_dir
+    from orchestrator import rundir
 
     run_dir = tmp_path / "run"
     overrides = [f"run.dir={run_dir}", "optim.lr=1e-3"]
     prepare_run_dir(build_config(overrides), overrides)  # an existing run's directory
+    rundir.let_go(run_dir)  # that run has ended: its lock must not be what refuses these
     other = orchestrate("train", f"run.dir={run_dir}", "optim.lr=2e-3")
     assert other.returncode == 2
     assert "belongs to a run with a different config (optim differ)" in other.stderr

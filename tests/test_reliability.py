@@ -161,3 +161,133 @@ def test_hung_rank_times_out_naming_rank_and_operation(tmp_path) -> None:
     assert time.time() - start < 120
     assert ("error: rank 0: a collective timed out after 10 s (launcher.dist_timeout_s) during "
             "step 3 forward/backward") in proc.stderr
+
+
+# -- interrupts, time-based checkpoints, one writer per run directory (issue #20) ------------
+
+INTERVAL_S = 0.6
+TIMED = [o for o in COMMON if not o.startswith("trainer.save_every=")] + [
+    "trainer.save_every=0", f"trainer.save_every_minutes={INTERVAL_S / 60}"]
+
+
+def _launch(run_dir: Path, fault: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch", "train", f"run.dir={run_dir}", *TIMED], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "ORCHESTRATOR_TEST_FAULT": fault, **env},
+    )
+
+
+def _wait_for(proc: subprocess.Popen, done, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if done():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"run ended (rc={proc.returncode}) before {what}: {err[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _stop_at_pause(run_dir: Path, step: int, send) -> tuple[int, str, str]:
+    """Resume with rank 1 held at the start of ``step``; ``send(proc)`` a signal there, release
+    the rank, and return the launcher's exit code and output."""
+    (run_dir / "WAITING").unlink(missing_ok=True)  # left by the killed run's hung rank
+    proc = _launch(run_dir, f"wait:{step}:1")
+    _wait_for(proc, lambda: (run_dir / "WAITING").exists(), f"rank 1 waiting at step {step}")
+    send(proc)
+    (run_dir / "CONTINUE").touch()
+    out, err = proc.communicate(timeout=300)
+    assert "Traceback" not in out + err, err[-3000:]
+    return proc.returncode, out, err
+
+
+def _latest_step(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
+
+
+def test_interrupts_checkpoint_and_resume_exactly(reference, tmp_path) -> None:
+    """One run directory through every way a run is interrupted, then finished: its losses and
+    adapter equal an uninterrupted run's (fp32)."""
+    from launch.local import _descendants
+
+    run_dir = tmp_path / "interrupted"
+    # 1. Time-based checkpoints only (no step setting); rank 1 waits at step 4 while a second
+    #    launch into the directory is refused; then rank 1 hangs at step 6 and the whole run is
+    #    killed with kill -9 (launcher, torchrun and both ranks), as a crashed node would be.
+    first = _launch(run_dir, "wait:4:1,hang:6:1", ORCHESTRATOR_TEST_STEP_SECONDS="0.3")
+    _wait_for(first, lambda: (run_dir / "WAITING").exists(), "rank 1 waiting at step 4")
+    frozen = {f: (run_dir / f).stat().st_mtime_ns for f in ("config.yaml", "overrides.yaml")}
+    second = orchestrate("train", f"run.dir={run_dir}", *TIMED)
+    assert second.returncode == 2, second.stderr[-3000:]
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: run.dir={run_dir} is in use by another run: "
+                                                   f"pid {first.pid} on "), second.stderr
+    assert first.poll() is None  # undisturbed: still running, its files untouched
+    assert {f: (run_dir / f).stat().st_mtime_ns for f in frozen} == frozen
+    (run_dir / "CONTINUE").touch()
+    _wait_for(first, lambda: (run_dir / "WAITING").exists() and _losses(run_dir)[-1][0] == 5,
+              "rank 1 asleep in step 6, after steps 4 and 5 and any checkpoint at step 5")
+    for pid in [first.pid, *_descendants(first.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    first.communicate()
+    crashed_at = _latest_step(run_dir)
+    lost = [m["step_time_s"] for m in read_metrics(run_dir) if "loss" in m and m["step"] > crashed_at]
+    assert 1 <= crashed_at <= 5 and sum(lost) < INTERVAL_S, (crashed_at, lost)
+
+    # 2. A launch resumes despite the dead run's lock record; Ctrl-C (SIGINT to the launcher)
+    #    stops it at the step reached with a checkpoint, exit code 130 and one line.
+    rc, out, err = _stop_at_pause(run_dir, 6, lambda p: os.kill(p.pid, signal.SIGINT))
+    assert f"resuming at step {crashed_at}" in err
+    assert rc == 130, err[-3000:]
+    hint = (f"the run can be resumed with orchestrate train run.dir={run_dir} from step 6 "
+            f"(checkpoint {run_dir}/checkpoints/step-00000006)")
+    assert err.strip().splitlines()[-1] == f"stopped on SIGINT at step 6: {hint}"
+    assert _latest_step(run_dir) == 6
+    assert json.loads((run_dir / "state.json").read_text())["state"] == "stopped"
+
+    # 3. SIGTERM to one rank: the same agreed stop, exit code 143.
+    rc, out, err = _stop_at_pause(run_dir, 7, lambda p: os.kill(_worker_pid(run_dir, 1), signal.SIGTERM))
+    assert rc == 143, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("stopped on SIGTERM at step 7: ")
+    assert _latest_step(run_dir) == 7
+
+    # 4. Finish: the same losses and adapter as the uninterrupted run.
+    done = orchestrate("train", f"run.dir={run_dir}", *TIMED)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming at step 7" in done.stderr
+    assert _losses(run_dir) == _losses(reference)
+    _assert_same_adapter(run_dir, reference)
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_its_own_job(tmp_path, monkeypatch) -> None:
+    from orchestrator import rundir
+
+    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_ARRAY_JOB_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    hold = ("import sys, time; from orchestrator import rundir; rundir.acquire(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(600)")
+    for job in (None, "4242"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+        if job:
+            env["SLURM_JOB_ID"] = job
+        holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        if job is None:
+            with pytest.raises(rundir.RunDirBusy, match=f"in use by another run: pid {holder.pid} on "):
+                rundir.acquire(tmp_path)
+            holder.kill()  # kill -9: the kernel drops the flock; the stale record blocks nothing
+            holder.wait()
+            rundir.acquire(tmp_path).release()
+        else:  # a requeued Slurm job (same id) takes the directory over from its old self;
+            monkeypatch.setenv("SLURM_JOB_ID", job)  # a second launch in the same job does not
+            with pytest.raises(rundir.RunDirBusy, match=f"Slurm job {job} \\(pid {holder.pid} on "):
+                rundir.acquire(tmp_path)
+            monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+            lock = rundir.acquire(tmp_path)
+            assert rundir.read_record(tmp_path)["pid"] == os.getpid()
+            lock.release()
+            holder.kill()
+            holder.wait()

@@ -23,9 +23,10 @@ COMMON = [
 ]
 
 
-def _submit(slurm, run_dir: Path, *overrides: str) -> str:
+def _submit(slurm, run_dir: Path, *overrides: str, env: dict | None = None) -> str:
     proc = orchestrate("train", "launcher=slurm", "launcher.nodes=2", "launcher.time=00:15:00",
-                       f"run.dir={run_dir}", *COMMON, *overrides, env={"SLURM_CONF": str(slurm.conf)})
+                       f"run.dir={run_dir}", *COMMON, *overrides,
+                       env={"SLURM_CONF": str(slurm.conf), **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"script: {run_dir / 'job.sbatch'}" in proc.stdout
     job_id = (run_dir / "slurm_job_id").read_text().strip()
@@ -37,6 +38,15 @@ def _submit(slurm, run_dir: Path, *overrides: str) -> str:
 def _log(run_dir: Path, job_id: str) -> str:
     path = run_dir / f"slurm-{job_id}.out"
     return path.read_text() if path.exists() else ""
+
+
+def _wait_for_steps(run_dir: Path, n: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [m for m in read_metrics(run_dir) if "loss" in m] if (run_dir / "metrics.jsonl").exists() else []
+        if len(done) >= n:
+            return
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -57,12 +67,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path)
     steps = 30
     run_dir = tmp_path / "preempted"
     job = _submit(slurm, run_dir, f"trainer.max_steps={steps}")
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        done = [m for m in read_metrics(run_dir) if "loss" in m] if (run_dir / "metrics.jsonl").exists() else []
-        if len(done) >= 3:
-            break
-        time.sleep(0.2)
+    _wait_for_steps(run_dir, 3)
     out = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -164,3 +169,40 @@ def test_values_cannot_inject_shell(tmp_path) -> None:
     assert not marker.exists()
     assert not (tmp_path / "pwned").exists()
     assert f"export A='1; touch {marker}'" in script
+
+
+@pytest.mark.slow
+def test_scancel_checkpoints_and_a_local_launch_resumes(slurm, tmp_path) -> None:
+    """Plain `scancel` (SIGTERM to every process of the job, SIGKILL after KillWait): the ranks
+    checkpoint at the next step boundary, the job is not requeued, and a local launch resumes."""
+    steps = 12
+    run_dir = tmp_path / "cancelled"
+    job = _submit(slurm, run_dir, f"trainer.max_steps={steps}",
+                  env={"ORCHESTRATOR_TEST_STEP_SECONDS": "0.3"})  # scancel lands mid-run
+    assert json.loads((run_dir / "run.lock").read_text())["slurm_job_id"] == job  # pending: it owns R
+    refused = orchestrate("train", "launcher=slurm", "launcher.nodes=2", "launcher.time=00:15:00",
+                          f"run.dir={run_dir}", *COMMON, f"trainer.max_steps={steps}",
+                          env={"SLURM_CONF": str(slurm.conf)})
+    assert refused.returncode == 2 and f"in use by another run: Slurm job {job}" in refused.stderr
+    _wait_for_steps(run_dir, 3)
+    out = subprocess.run(["scancel", job], env=slurm.env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "exit_code").exists():
+        time.sleep(0.5)
+    log = _log(run_dir, job)
+    assert "SIGTERM: the ranks checkpoint at the next step boundary" in log, log[-3000:]
+    assert "not requeued" in log and "requeueing" not in log
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["state"] == "stopped" and state["reason"] == "SIGTERM", state
+    stopped_at = state["step"]
+    assert 3 <= stopped_at < steps
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:08d}"
+    assert slurm.wait(job, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120) == "CANCELLED"
+    assert "Traceback" not in _log(run_dir, job)
+
+    resumed = orchestrate("train", f"run.dir={run_dir}", "launcher.nproc_per_node=2",
+                          f"trainer.max_steps={steps}", *COMMON)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {stopped_at}" in resumed.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps
