@@ -172,7 +172,7 @@ def check_memory(cfg, world: int, nproc: int, data=None) -> list[str]:
         return []
     try:
         plan = plan_for_run(cfg, world, budget.device, compute_bytes_for(cfg.trainer.precision, budget.device),
-                            data=data)
+                            data=data, ranks_per_node=nproc)
     except PlanError as exc:
         return [f"warning: memory plan unavailable ({exc}); launching without a memory check"]
     peak = plan.peak_bytes

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from launch.prepare import (
-    UsageError, build_config, check_world, compose, layout, preflight, prepare_run_dir, world_size,
+    UsageError, build_config, check_world, compose, layout, preflight, prepare_run_dir, ranks_per_node,
+    world_size,
 )
 
 USAGE = """usage: orchestrate [--version] COMMAND [ARGS]
@@ -144,7 +145,7 @@ def cmd_plan(args: list[str]) -> int:
     cfg = build_config(args)
     check_world(cfg)
     try:  # at the data's real lengths where its tokenizer is local, else at data.max_seq_len
-        text, fits = report(cfg, world_size(cfg), prepared_lengths(cfg))
+        text, fits = report(cfg, world_size(cfg), prepared_lengths(cfg), ranks_per_node(cfg))
     except (PlanError, DataError) as exc:
         raise UsageError(str(exc)) from exc
     print(text)
@@ -155,14 +156,20 @@ def cmd_plan(args: list[str]) -> int:
 
 def comm_section(cfg) -> str:
     """What each rank sends per step, intra- and inter-node, and how long that takes at least."""
-    from orchestrator.comm_plan import comm_plan_for_run, compute_seconds, format_comm
-    from launch.prepare import ranks_per_node
+    from orchestrator.plan import comm_plan_for_run, compute_seconds, format_comm
 
     world = world_size(cfg)
     plan = comm_plan_for_run(cfg, world, ranks_per_node(cfg))
     p = cfg.plan
     compute = compute_seconds(cfg, world, p.gpu_tflops) if p.device == "cuda" else None
-    return format_comm(plan, p.intra_node_gb_per_s, p.inter_node_gbit_per_s, compute)
+    text = format_comm(plan, p.intra_node_gb_per_s, p.inter_node_gbit_per_s, compute)
+    from orchestrator.plan.recommend import recommend
+
+    best = recommend(cfg, world, ranks_per_node(cfg))
+    if best is None:
+        return text + "\nno strategy fits this shape's memory; see the suggestions above"
+    return (text + f"\nrecommended for this job shape: {best.overrides} (fits at "
+            f"{best.peak_bytes / 2**30:.2f} GiB per rank; >= {best.comm_s * 1e3:.1f} ms of communication per step)")
 
 
 def cmd_merge(args: list[str]) -> int:

@@ -34,6 +34,7 @@ from .runinfo import code_info, hardware, library_versions, peak_flops
 from .model import base_linear_storage, count_parameters, load_tokenizer
 from .plan import MiB, PlanError, data_lengths, plan_for_run
 from .strategies import BatchPlan, build_strategy
+from .strategies.mesh import local_world_size
 
 log = logging.getLogger("orchestrator")
 
@@ -115,7 +116,8 @@ def _planned_peak_mb(cfg: RunConfig, dist: DistInfo, compute_dtype: torch.dtype,
     allocator peak (context excluded)."""
     try:
         plan = plan_for_run(cfg, dist.world_size, dist.device.type, compute_dtype.itemsize,
-                            data=data_lengths(cfg, splits.train, splits.eval))
+                            data=data_lengths(cfg, splits.train, splits.eval),
+                            ranks_per_node=local_world_size())
     except PlanError as exc:
         if dist.is_main:
             log.warning("memory plan unavailable: %s", exc)

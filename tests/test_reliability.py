@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from launch.status import run_status
 from conftest import ROOT, orchestrate, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -226,6 +227,9 @@ def test_interrupts_checkpoint_and_resume_exactly(reference, tmp_path) -> None:
                                                    f"pid {first.pid} on "), second.stderr
     assert first.poll() is None  # undisturbed: still running, its files untouched
     assert {f: (run_dir / f).stat().st_mtime_ns for f in frozen} == frozen
+    running = run_status(run_dir)  # `orchestrate status` of a running run: its state and step
+    assert running.state == "running" and running.step == _losses(run_dir)[-1][0] >= 3, running
+    assert running.total == STEPS and running.eta_s is not None and running.eta_s > 0, running
     (run_dir / "CONTINUE").touch()
     _wait_for(first, lambda: (run_dir / "WAITING").exists() and _losses(run_dir)[-1][0] == 5,
               "rank 1 asleep in step 6, after steps 4 and 5 and any checkpoint at step 5")
@@ -235,6 +239,8 @@ def test_interrupts_checkpoint_and_resume_exactly(reference, tmp_path) -> None:
     crashed_at = _latest_step(run_dir)
     lost = [m["step_time_s"] for m in read_metrics(run_dir) if "loss" in m and m["step"] > crashed_at]
     assert 1 <= crashed_at <= 5 and sum(lost) < INTERVAL_S, (crashed_at, lost)
+    dead = run_status(run_dir)  # state.json still says running, but nothing holds the lock
+    assert dead.state == "failed" and "died" in dead.detail, dead
 
     # 2. A launch resumes despite the dead run's lock record; Ctrl-C (SIGINT to the launcher)
     #    stops it at the step reached with a checkpoint, exit code 130 and one line.
@@ -246,6 +252,10 @@ def test_interrupts_checkpoint_and_resume_exactly(reference, tmp_path) -> None:
     assert err.strip().splitlines()[-1] == f"stopped on SIGINT at step 6: {hint}"
     assert _latest_step(run_dir) == 6
     assert json.loads((run_dir / "state.json").read_text())["state"] == "stopped"
+    status = orchestrate("status", str(run_dir))
+    assert status.returncode == 0, status.stderr
+    row = status.stdout.splitlines()[1].split()
+    assert row[:3] == ["interrupted", "stopped", "(at"] and "step-00000006" in row, status.stdout
 
     # 3. SIGTERM to one rank: the same agreed stop, exit code 143.
     rc, out, err = _stop_at_pause(run_dir, 7, lambda p: os.kill(_worker_pid(run_dir, 1), signal.SIGTERM))
@@ -259,6 +269,8 @@ def test_interrupts_checkpoint_and_resume_exactly(reference, tmp_path) -> None:
     assert "resuming at step 7" in done.stderr
     assert _losses(run_dir) == _losses(reference)
     _assert_same_adapter(run_dir, reference)
+    done_status = run_status(run_dir)
+    assert (done_status.state, done_status.step, done_status.total) == ("finished", STEPS, STEPS), done_status
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_its_own_job(tmp_path, monkeypatch) -> None:

@@ -139,7 +139,7 @@ def _counted(run_dir: Path, rank: int = 0) -> tuple[float, float]:
 def _plan_of(run_dir: Path, world: int, ranks_per_node: int):
     import yaml
 
-    from orchestrator.comm_plan import comm_plan_for_run
+    from orchestrator.plan import comm_plan_for_run
     from orchestrator.config import from_container
 
     cfg = from_container(yaml.safe_load((run_dir / "config.yaml").read_text()))

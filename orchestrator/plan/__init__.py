@@ -8,10 +8,12 @@
     auto     trainer.micro_batch_size=auto / model.gradient_checkpointing=auto: the fastest
              setting that fits the memory budget
     report   the plan of a RunConfig, and `orchestrate plan`'s text
+    comm     bytes each rank sends per step (intra/inter node) and the time they take at least
 
 The names below are the package's public interface (train.py, launch/, benchmarks, tests).
 """
 
+from .comm import CommPlan, JobShape, comm_plan, comm_plan_for_run, compute_seconds, format_comm
 from .auto import AutoChoice, candidates, choose, host_available_bytes, memory_budget
 from .lengths import DataLengths, data_lengths, example_lengths, longest_drawn
 from .memory import (
@@ -27,7 +29,8 @@ from .shapes import (
 from .suggest import Suggestion, phase_total, suggest
 
 __all__ = [
-    "AutoChoice", "CPU_RETENTION", "CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "DEEPSPEED_BUCKET_ELEMENTS",
+    "AutoChoice", "CommPlan", "JobShape", "comm_plan", "comm_plan_for_run", "compute_seconds",
+    "format_comm", "CPU_RETENTION", "CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "DEEPSPEED_BUCKET_ELEMENTS",
     "DataLengths", "GiB", "LAYER_LINEARS", "MiB", "ModelShape", "NCCL_BYTES", "OVERHEAD", "Phase",
     "Plan", "PlanError", "RETENTION", "Setup", "Suggestion", "TOKENIZER", "TOKENIZER_BYTES_PER_ENTRY",
     "candidates", "choose",

@@ -221,7 +221,8 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     n_lora = lora_params(shape, list(s.targets), s.lora_r)
     base_full = nf4_bytes(n_q, s.double_quant) if quantized else n_q * b
     other_full = n_o * (4 if quantized else b)
-    base_div = world if s.base_sharded else 1
+    shard = s.shard_ranks  # world, or HSDP's shard group
+    base_div = shard if s.base_sharded else 1
     gpu_resident = not (s.cpu_offload or s.offload_params)  # sharded state lives in host memory
 
     persistent: dict[str, float] = {}
@@ -229,14 +230,14 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     persistent[label] = base_full / base_div if gpu_resident or not s.base_sharded else 0.0
     persistent["non-quantized params (embeddings, norms, head)"] = (
         other_full / base_div if gpu_resident or not s.base_sharded else 0.0)
-    lora_div = world if s.adapter_sharded else 1
+    lora_div = shard if s.adapter_sharded else 1
     persistent["LoRA params (fp32)"] = 4 * n_lora / lora_div if gpu_resident else 0.0
     grads = 4 * n_lora
     optim = 8 * n_lora
     if s.strategy == "ddp":
         buckets = grads if world > 1 else 0.0
     elif s.strategy == "fsdp":
-        grads, optim, buckets = grads / world, optim / world, 0.0
+        grads, optim, buckets = grads / shard, optim / shard, 0.0
         if s.cpu_offload:
             grads = optim = 0.0
     else:  # deepspeed: fp32 partition of the params, partitioned grads and state, one bucket
@@ -252,7 +253,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     persistent["optimizer state (AdamW, fp32)"] = optim
     persistent["gradient buckets"] = buckets
     layer_base = (base_full / shape.layers) if s.base_sharded else 0.0
-    persistent["gathered base layers (2 in flight)"] = 2 * layer_base * (1 - 1 / world) if world > 1 else 0.0
+    persistent["gathered base layers (2 in flight)"] = 2 * layer_base * (1 - 1 / shard) if shard > 1 else 0.0
 
     tokens = s.micro_batch * s.train_width
     resid = residual_bytes(s)
@@ -286,8 +287,8 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     largest = max(shape.vocab * shape.hidden, max(a * c for a, c in shape.linears().values()))
     if s.strategy == "fsdp" and s.shard_base and s.low_memory_load and s.device == "cuda":
         # Rank 0 loads into host memory; each accelerator only ever receives its shards.
-        load.items[label] = base_full / world
-        load.items["non-quantized params (embeddings, norms, head)"] = other_full / world
+        load.items[label] = base_full / shard
+        load.items["non-quantized params (embeddings, norms, head)"] = other_full / shard
     else:  # every rank (or, loading low-memory on CPU, rank 0) holds the whole model at first
         load.items[label] = base_full
         load.items["non-quantized params (embeddings, norms, head)"] = other_full + largest * b

@@ -84,7 +84,7 @@ def _inputs(cfg, world: int, device: Optional[str], compute_bytes: Optional[int]
     if compute_bytes is None:
         compute_bytes = compute_bytes_for(cfg.trainer.precision, device)
     shape = read_shape(cfg.model.path)
-    setup = setup_from_config(cfg, world, device, compute_bytes, shape, data)
+    setup = setup_from_config(cfg, world, device, compute_bytes, shape, data, ranks_per_node)
     limit, budget = memory_budget(cfg, device, ranks_per_node or world)
     return shape, setup, limit, budget
 
@@ -109,13 +109,14 @@ def plan_for_run(cfg, world: int, device: Optional[str] = None, compute_bytes: O
     return plan_memory(shape, setup, limit, budget)
 
 
-def report(cfg, world: int, data: Optional[DataLengths] = None) -> tuple[str, bool]:
+def report(cfg, world: int, data: Optional[DataLengths] = None,
+           ranks_per_node: Optional[int] = None) -> tuple[str, bool]:
     """``orchestrate plan``'s text and whether the run fits."""
     head = ""
     if is_auto(cfg.trainer.micro_batch_size) or is_auto(cfg.model.gradient_checkpointing):
-        choice = resolve_auto(cfg, world, data=data)
+        choice = resolve_auto(cfg, world, data=data, ranks_per_node=ranks_per_node)
         plan, head = choice.plan, choice.describe() + "\n"
     else:
-        plan = plan_for_run(cfg, world, data=data)
+        plan = plan_for_run(cfg, world, data=data, ranks_per_node=ranks_per_node)
     sugg = [] if plan.fits else suggest(plan.shape, plan.setup, plan.limit_bytes)
     return head + format_plan(plan, sugg), plan.fits

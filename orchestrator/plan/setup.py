@@ -42,6 +42,14 @@ class Setup:
     # data's real lengths (lengths.py); None: data.max_seq_len, the worst case.
     train_len: Optional[int] = None
     eval_len: Optional[int] = None
+    # fsdp: HSDP replica groups (strategy.replicate resolved for the job's shape); FSDP shards
+    # over world / replicas ranks.
+    replicas: int = 1
+
+    @property
+    def shard_ranks(self) -> int:
+        """Ranks one copy of a sharded tensor is split over (FSDP's shard group, else world)."""
+        return max(1, self.world // max(self.replicas, 1)) if self.strategy == "fsdp" else self.world
 
     @property
     def train_width(self) -> int:
@@ -75,6 +83,7 @@ class Setup:
         if s == "fsdp":
             s += f" shard_base={str(self.shard_base).lower()}" + (" cpu_offload" if self.cpu_offload else "")
             s += " low_memory_load" if self.shard_base and self.low_memory_load else ""
+            s += f" replicate={self.replicas}" if self.replicas > 1 else ""
         elif s == "deepspeed":
             s += f" zero_stage={self.zero_stage}" + (" offload_optimizer" if self.offload_optimizer else "")
             s += " offload_params" if self.offload_params else ""
@@ -82,8 +91,9 @@ class Setup:
 
 
 def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: ModelShape,
-                      data: Optional["DataLengths"] = None) -> Setup:
-    """Flatten a RunConfig for the planner; ``data``: the prepared data's lengths, when known."""
+                      data: Optional["DataLengths"] = None, ranks_per_node: Optional[int] = None) -> Setup:
+    """Flatten a RunConfig for the planner; ``data``: the prepared data's lengths, when known;
+    ``ranks_per_node`` decides HSDP's groups when strategy.replicate is auto (one per node)."""
     from ..config import FSDPConfig  # what a suggestion to switch to FSDP would get
 
     st = cfg.strategy
@@ -102,6 +112,8 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
         low_memory_load=getattr(st, "low_memory_load", getattr(FSDPConfig(), "low_memory_load", None)),
         overhead_bytes=None if overhead is None else int(overhead * GiB),
         train_len=data.train if data else None, eval_len=data.eval if data else None,
+        replicas=(getattr(st, "replicate", 1) or max(1, world // (ranks_per_node or world)))
+        if st.name == "fsdp" else 1,
     )
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .commcount import wire_bytes
+from ..commcount import wire_bytes
 
 ZERO3_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters (elements)
 GB = 1e9
@@ -169,8 +169,8 @@ def format_comm(plan: CommPlan, intra_gb_per_s: float, inter_gbit_per_s: float,
 
 def comm_plan_for_run(cfg, world: int, ranks_per_node: int) -> CommPlan:
     """The communication plan of a RunConfig on ``world`` ranks, ``ranks_per_node`` per node."""
-    from .config import accumulation_steps
-    from .plan import lora_params, lora_targets, read_shape
+    from ..config import accumulation_steps
+    from .shapes import lora_params, lora_targets, read_shape
 
     shape = read_shape(cfg.model.path)
     st = cfg.strategy
@@ -190,7 +190,7 @@ def comm_plan_for_run(cfg, world: int, ranks_per_node: int) -> CommPlan:
 def compute_seconds(cfg, world: int, peak_tflops: float) -> float:
     """Lower bound on a step's compute per rank: 6 FLOPs per parameter and token (8 with
     activation checkpointing's second forward) at the device's peak."""
-    from .plan import read_shape
+    from .shapes import read_shape
 
     shape = read_shape(cfg.model.path)
     tokens = cfg.trainer.global_batch_size * cfg.data.max_seq_len / max(world, 1)
