@@ -50,8 +50,10 @@ def _tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # Padding and truncation settings change on every call; they do not change the tokens.
-        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
-        vocab = json.dumps(state, sort_keys=True)
+        # The serialization is ordered (vocabulary by id), so its text can be hashed as it is.
+        backend.no_padding()
+        backend.no_truncation()
+        vocab = backend.to_str()
     else:
         vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}

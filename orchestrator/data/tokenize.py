@@ -48,24 +48,18 @@ class Tokenized:
     eos: int
 
 
-_PLAIN: dict[int, object] = {}
-
-
 def _encode(tokenizer, texts: list[str], special: bool) -> list:
-    """The Rust tokenizer's encodings, with no padding or truncation (the wrapper may have left
-    either switched on in it: a batch would come back padded, or cut at model_max_length)."""
+    """The Rust tokenizer's encodings of a batch, unpadded and uncut. The wrapper may have left
+    padding or truncation on in it (a batch would come back padded, or cut at
+    model_max_length); it sets its own again on its next call."""
     if not texts:
         return []
-    plain = _PLAIN.get(id(tokenizer))
-    if plain is None:
-        from tokenizers import Tokenizer
-
-        plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        plain.no_padding()
-        plain.no_truncation()
-        _PLAIN.clear()
-        _PLAIN[id(tokenizer)] = plain
-    return plain.encode_batch(texts, add_special_tokens=special)
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is not None:
+        backend.no_padding()
+    if backend.truncation is not None:
+        backend.no_truncation()
+    return backend.encode_batch(texts, add_special_tokens=special)
 
 
 def _first_token_from(enc, char: int, n_chars: int) -> int:
@@ -89,10 +83,10 @@ def _end_token(enc, end: int) -> int:
     return 0
 
 
-def _whole(f: Formatted, enc, tokenizer, cfg: DataConfig) -> Tokenized:
+def _whole(f: Formatted, text: str, enc, tokenizer, cfg: DataConfig) -> Tokenized:
+    n_chars = len(text)
     ids = list(enc.ids)
     labels = list(ids) if cfg.train_on_prompt else [IGNORE_INDEX] * len(ids)
-    n_chars = sum(len(t) for t, _ in f.segments)
     turns, seg_of = [], []
     at = 0
     for k, (text, trained) in enumerate(f.segments):
@@ -137,9 +131,9 @@ def tokenize_batch(rows: Sequence[Formatted], tokenizer, cfg: DataConfig) -> lis
     whole = [i for i, f in enumerate(rows) if f.whole and has_offsets]
     for special in (True, False):
         group = [i for i in whole if rows[i].add_special_tokens == special]
-        encs = _encode(tokenizer, ["".join(t for t, _ in rows[i].segments) for i in group], special)
-        for i, enc in zip(group, encs):
-            out[i] = _whole(rows[i], enc, tokenizer, cfg)
+        texts = ["".join(t for t, _ in rows[i].segments) for i in group]
+        for i, text, enc in zip(group, texts, _encode(tokenizer, texts, special)):
+            out[i] = _whole(rows[i], text, enc, tokenizer, cfg)
     rest = [i for i in range(len(rows)) if out[i] is None]
     if rest:
         firsts = [(i, k) for i in rest for k in range(len(rows[i].segments)) if k == 0 and rows[i].add_special_tokens]
