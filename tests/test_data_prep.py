@@ -176,3 +176,8 @@ def test_workers_change_nothing(char_tokenizer, tmp_path) -> None:
     for a, b in ((one.train, two.train), (one.eval, two.eval)):
         assert list(a) == list(b)
     assert list(one.train.lengths()) == [len(e.input_ids) for e in one.train]
+    # Strict about bad rows: the first in file order is named, and no partial entry is left.
+    strict = dataclasses.replace(base, on_bad_row="error", num_proc=2, cache_dir=str(tmp_path / "c3"))
+    with pytest.raises(DataError, match=rf"data.path: {path}:701: invalid JSON"):
+        prepare(strict, char_tokenizer)
+    assert not any((tmp_path / "c3").iterdir())
