@@ -75,14 +75,19 @@ class _Text:
         return text.replace(" the ", ". The ", 1) + "."
 
 
-def generate(kind: str, rows: int, seed: int) -> Path:
-    """The seeded synthetic file (reused when already written)."""
-    path = WORK / f"{kind}-{rows}-seed{seed}.jsonl"
+def generate(kind: str, rows: int, seed: int, scale: float = 1.0) -> Path:
+    """The seeded synthetic file (reused when already written); ``scale`` shrinks or grows
+    every text's median length (memory at many rows is measured sooner on short rows)."""
+    path = WORK / f"{kind}-{rows}-seed{seed}{'' if scale == 1 else f'-x{scale:g}'}.jsonl"
     if path.exists():
         return path
     WORK.mkdir(parents=True, exist_ok=True)
-    text = _Text(seed)
-    rng = text.rng
+    raw = _Text(seed)
+    rng = raw.rng
+
+    def text(median: float, sigma: float = 0.8) -> str:
+        return raw(max(1.0, median * scale), sigma)
+
     tmp = path.with_suffix(".tmp")
     with tmp.open("w") as f:
         for _ in range(rows):
@@ -181,6 +186,7 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=1.0, help="median text length factor")
     ap.add_argument("--only-ours", action="store_true", help="skip the baseline (peak RSS at size)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -189,7 +195,7 @@ def main() -> None:
         return _one(args)
     _tokenizer()  # built once, before anything is timed
     jobs = [(Path(args.path), args.format)] if args.path else [
-        (generate(k, args.rows, args.seed), k) for k in args.formats.split(",")]
+        (generate(k, args.rows, args.seed, args.scale), k) for k in args.formats.split(",")]
     print(f"num_proc={args.num_proc}, max_seq_len={args.max_seq_len}, Qwen2.5 151k BPE tokenizer", flush=True)
     print("| data | rows | ours ex/s | baseline ex/s (map only) | ours / baseline (/ map only) "
           "| our launcher peak RSS MB (workers) | baseline peak RSS MB (workers) |")
