@@ -94,8 +94,9 @@ class DataConfig:
     # Seed of the held-out split (fixed apart from the trainer seed, so it never moves).
     split_seed: int = 0
     max_seq_len: int = 512
-    # Examples longer than max_seq_len: right (keep the start), left (keep the end, the
-    # response), drop (skip them; the count is reported).
+    # Examples longer than max_seq_len: right (keep the start; chat keeps whole turns first),
+    # left (keep the end, the response), drop (skip them), error (stop at the first one). Under
+    # right and left an example left with no trained token is dropped; counts are reported.
     truncation: str = "right"
     # Compute the loss on prompt tokens as well as on the response.
     train_on_prompt: bool = False
@@ -119,6 +120,8 @@ class DataConfig:
     # Jinja chat template (inline, or a path to a .jinja file) for tokenizers without one.
     chat_template: Optional[str] = None
     text_field: str = "text"
+    # Worker processes that tokenize (null: the cores of the machine that prepares the data).
+    num_proc: Optional[int] = None
 
 
 @dataclass
@@ -381,7 +384,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
     "lora.bias": ("none", "all", "lora_only"),
     "data.format": ("alpaca", "chat", "text"),
-    "data.truncation": ("right", "left", "drop"),
+    "data.truncation": ("right", "left", "drop", "error"),
     "data.on_bad_row": ("error", "skip"),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
@@ -476,6 +479,8 @@ def validate(cfg: RunConfig) -> None:
         positive("plan.overhead_gb", allow_zero=True)
     if cfg.plan.host_memory_gb is not None:
         positive("plan.host_memory_gb")
+    if cfg.data.num_proc is not None:
+        positive("data.num_proc")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(
             f"data.eval_fraction={cfg.data.eval_fraction!r} is not allowed; it must be in [0, 1)"

@@ -1,9 +1,11 @@
 """Data: read local files, format, tokenize with prompt masking, cache, pack, and hand each rank
 its micro-batches.
 
-    sources   local .jsonl/.json/.parquet/.csv files or shard directories -> rows (file:line)
+    sources   local .jsonl/.json/.parquet/.csv files or shard directories -> chunks of rows
     formats   alpaca / chat / text rows -> (text, trained) segments
+    chat      a conversation's trained spans from one render of its template
     tokenize  segments -> ids and labels (-100 on prompt), truncation policy
+    pipeline  chunks -> worker processes -> Arrow shards written as they come, with progress
     cache     tokenize once; every rank and later run reads the same Arrow entry
     collate   right-padded or packed micro-batches
     sampler   deterministic per-rank position, checkpointed
@@ -12,18 +14,19 @@ its micro-batches.
 from __future__ import annotations
 
 import dataclasses
-import random
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..config import DataConfig
-from .cache import ExampleSet, cache_root, fingerprint, lookup, store
+from . import pipeline
+from .cache import ExampleSet, cache_root, fingerprint, lookup, new_entry, publish
 from .collate import collate, collate_packed, model_inputs, pack_rows
-from .formats import check_messages, format_alpaca, format_row
+from .formats import chat_template, check_messages, format_alpaca, format_row
 from .prompt import prepare_prompt, prompt_row
 from .sampler import StepSampler, eval_shard
-from .sources import DataError, Rows, bad_row, data_files, read_rows
-from .tokenize import IGNORE_INDEX, Example, LengthError, tokenize
+from .sources import DataError, Source, chunk_rows, data_files, read_rows
+from .tokenize import IGNORE_INDEX, Example, LengthError
 
 __all__ = [
     "IGNORE_INDEX", "DataError", "Example", "ExampleSet", "Splits", "StepSampler", "check_rows",
@@ -57,81 +60,32 @@ def _check_row(row: dict, cfg: DataConfig, where: str) -> None:
 
 def check_rows(path: str, cfg: DataConfig) -> int:
     """Parse and format every row without tokenizing, so bad data is refused early."""
-    rows = read_rows(path, cfg.on_bad_row, None)
-    for where, row in rows.rows:
-        _check_row(row, cfg, where)
-    return len(rows.rows)
-
-
-def _tokenized(rows: Rows, tokenizer, cfg: DataConfig) -> tuple[list[Example], dict[str, int]]:
-    """Examples of the rows that format and fit; malformed rows raise or are counted as skipped."""
-    examples: list[Example] = []
-    dropped = truncated = 0
-    for where, row in rows.rows:
-        try:
-            ex, cut = tokenize(format_row(row, cfg, where, tokenizer), tokenizer, cfg, where)
-        except LengthError:
-            raise
-        except DataError as exc:
-            bad_row(rows, cfg.on_bad_row, str(exc))
-            continue
-        if ex is None:
-            dropped += 1
-            continue
-        truncated += cut
-        examples.append(ex)
-    return examples, {"dropped_too_long": dropped, "truncated": truncated}
+    n = 0
+    for chunk in Source(path).chunks():
+        for where, row in chunk_rows(chunk):
+            if isinstance(row, DataError):
+                if cfg.on_bad_row != "skip":
+                    raise row
+                continue
+            _check_row(row, cfg, where)
+            n += 1
+    if not n:
+        raise DataError(f"{path}: no rows")
+    return n
 
 
 def load_examples(path: str, tokenizer, cfg: DataConfig) -> list[Example]:
     """Read and tokenize one file without the cache (tests, small tools)."""
-    examples, _ = _tokenized(read_rows(path, cfg.on_bad_row, str(cache_root(cfg))), tokenizer, cfg)
-    return examples
-
-
-def _split_off(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
-    """Hold out ``fraction`` of the rows (a seeded choice, file order kept) as the eval split."""
-    n = len(rows.rows)
-    k = max(1, round(n * fraction))
-    if k >= n:
-        raise DataError(f"data.eval_fraction={fraction} of {n} rows leaves no training rows")
-    held = set(random.Random(seed).sample(range(n), k))
-    train = Rows([r for i, r in enumerate(rows.rows) if i not in held], rows.skipped)
-    return train, Rows([r for i, r in enumerate(rows.rows) if i in held])
-
-
-def _read(key: str, cfg: DataConfig) -> Rows:
-    try:
-        return read_rows(getattr(cfg, key), cfg.on_bad_row, str(cache_root(cfg)))
-    except DataError as exc:
-        raise DataError(f"data.{key}: {exc}") from None
-
-
-def _build(cfg: DataConfig, tokenizer) -> tuple[list[Example], list[Example], dict[str, Any]]:
-    train_rows = _read("path", cfg)
-    eval_rows = _read("eval_path", cfg) if cfg.eval_path else Rows()
-    if cfg.eval_fraction > 0:
-        train_rows, eval_rows = _split_off(train_rows, cfg.eval_fraction, cfg.split_seed)
-    stats: dict[str, Any] = {}
-    out = {}
-    for name, key, rows in (("train", "path", train_rows), ("eval", "eval_path", eval_rows)):
-        try:
-            examples, counts = _tokenized(rows, tokenizer, cfg) if rows.rows else ([], {})
-        except DataError as exc:
-            raise DataError(f"data.{key}: {exc}") from None
-        if rows.rows and not examples:
-            raise DataError(f"data.{key}: no usable rows ({counts}, {len(rows.skipped)} skipped)")
-        out[name] = examples
-        stats[name] = {"examples": len(examples), "skipped_rows": len(rows.skipped),
-                       "skipped_first": rows.skipped[:3], **counts}
-    return out["train"], out["eval"], stats
+    cfg = dataclasses.replace(cfg, path=path, eval_path=None, eval_fraction=0.0, num_proc=1)
+    if cfg.format == "chat":
+        cfg = dataclasses.replace(cfg, chat_template=chat_template(cfg, tokenizer))
+    _, kept = pipeline.run(cfg, tokenizer, None, keep_examples=True)
+    return kept["train"]
 
 
 def prepare(cfg: DataConfig, tokenizer) -> Splits:
     """Tokenized train and eval splits, from the cache when this data was tokenized before."""
     if cfg.format == "chat":
-        from .formats import chat_template
-
         # Resolved to its text once, before anything is read: a template-less tokenizer is
         # refused up front, rows do not re-read a .jinja file, and the text (not the file name)
         # enters the fingerprint, so editing the template makes a new cache entry.
@@ -143,12 +97,18 @@ def prepare(cfg: DataConfig, tokenizer) -> Splits:
                 data_files(getattr(cfg, k))
             except DataError as exc:
                 raise DataError(f"data.{k}: {exc}") from None
-    key = fingerprint(cfg, tokenizer)
+    key = fingerprint(cfg, tokenizer)  # before any work: the files' bytes, tokenizer, settings
     entry = cache_root(cfg) / key
     hit = lookup(entry)
     cached = hit is not None
     if not cached:
-        store(entry, *_build(cfg, tokenizer))
+        tmp = new_entry(entry)
+        try:
+            stats, _ = pipeline.run(cfg, tokenizer, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish(tmp, entry, {name: dataclasses.asdict(s) for name, s in stats.items()})
         hit = lookup(entry)  # every rank then uses the same memory-mapped entry
         assert hit is not None
     return Splits(*hit[:2], fingerprint=key, stats=hit[2], cache_hit=cached)
@@ -167,7 +127,8 @@ def describe(splits: Splits) -> list[str]:
         if s.get("truncated"):
             line += f", {s['truncated']} truncated to data.max_seq_len"
         if s.get("dropped_too_long"):
-            line += f", {s['dropped_too_long']} longer than data.max_seq_len dropped"
+            first = (s.get("dropped_first") or ["?"])[0]
+            line += f", {s['dropped_too_long']} too long for data.max_seq_len dropped (first: {first})"
         lines.append(line)
     return lines
 

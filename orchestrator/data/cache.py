@@ -26,9 +26,9 @@ from ..config import DataConfig
 from .sources import data_files
 from .tokenize import Example
 
-VERSION = 1  # bump when the tokenized layout or the tokenization rules change
+VERSION = 2  # bump when the tokenized layout or the tokenization rules change
 # Settings that do not change the tokens of any example.
-_NOT_TOKENS = ("path", "eval_path", "cache_dir", "packing")
+_NOT_TOKENS = ("path", "eval_path", "cache_dir", "packing", "num_proc")
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -50,8 +50,10 @@ def _tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         # Padding and truncation settings change on every call; they do not change the tokens.
-        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
-        vocab = json.dumps(state, sort_keys=True)
+        # The serialization is ordered (vocabulary by id), so its text can be hashed as it is.
+        backend.no_padding()
+        backend.no_truncation()
+        vocab = backend.to_str()
     else:
         vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
@@ -69,6 +71,61 @@ def fingerprint(cfg: DataConfig, tokenizer) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
+SCHEMA_FIELDS = ("input_ids", "labels", "length", "prompt_len", "target", "prompt")
+
+
+def schema():
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    return pa.schema([("input_ids", ids), ("labels", ids), ("length", pa.int32()),
+                      ("prompt_len", pa.int32()), ("target", pa.string()), ("prompt", pa.string())])
+
+
+def record_batch(rows: list[tuple[list[int], list[int], int, str, str]]):
+    """Rows (ids, labels, prompt length, target, prompt) as one Arrow batch, built from flat
+    lists (much faster than converting a list of lists)."""
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int32, count=len(rows))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
+    flat_ids: list[int] = []
+    flat_labels: list[int] = []
+    for r in rows:
+        flat_ids += r[0]
+        flat_labels += r[1]
+    ids = pa.ListArray.from_arrays(offsets, pa.array(flat_ids, type=pa.int32()))
+    labels = pa.ListArray.from_arrays(offsets, pa.array(flat_labels, type=pa.int32()))
+    return pa.RecordBatch.from_arrays(
+        [ids, labels, pa.array(lengths), pa.array([r[2] for r in rows], type=pa.int32()),
+         pa.array([r[3] for r in rows], type=pa.string()), pa.array([r[4] for r in rows], type=pa.string())],
+        schema=schema())
+
+
+class SplitWriter:
+    """Appends record batches to one split's Arrow stream file as they come (nothing is held)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self._writer = None
+
+    def write(self, batch) -> None:
+        import pyarrow as pa
+
+        if not len(batch):
+            return
+        if self._writer is None:
+            self._writer = pa.ipc.new_stream(str(self.path), schema())
+        self._writer.write_batch(batch)
+        self.rows += len(batch)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
 class ExampleSet(Sequence[Example]):
     """Examples read lazily from an Arrow table on disk (memory-mapped, shared by the ranks)."""
 
@@ -81,28 +138,29 @@ class ExampleSet(Sequence[Example]):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return Example(**self._table[int(i)])
+        return _example(self._table[int(i)])
 
     def __iter__(self) -> Iterator[Example]:
         for row in self._table:
-            yield Example(**row)
+            yield _example(row)
+
+    def lengths(self) -> list[int]:
+        """Every example's token count, read from its own column (no token is read)."""
+        return self._table["length"]
 
 
-def _save_split(examples: list[Example], path: Path) -> None:
-    from datasets import Dataset
-
-    if not examples:  # datasets cannot reload a table without rows; no directory means empty
-        return
-    columns = {f.name: [getattr(e, f.name) for e in examples] for f in dataclasses.fields(Example)}
-    Dataset.from_dict(columns).save_to_disk(str(path))
+def _example(row: dict) -> Example:
+    ids = row["input_ids"]
+    return Example(input_ids=ids, labels=row["labels"], prompt_ids=ids[: row["prompt_len"]],
+                   target=row["target"], prompt=row["prompt"])
 
 
 def _load_split(path: Path) -> Sequence[Example]:
-    from datasets import load_from_disk
+    from datasets import Dataset
 
-    if not path.exists():
+    if not path.exists():  # no file: a split without rows
         return []
-    return ExampleSet(load_from_disk(str(path)))
+    return ExampleSet(Dataset.from_file(str(path)))
 
 
 def lookup(entry: Path) -> Optional[tuple[Sequence[Example], Sequence[Example], dict]]:
@@ -110,16 +168,19 @@ def lookup(entry: Path) -> Optional[tuple[Sequence[Example], Sequence[Example], 
     meta = entry / "meta.json"
     if not meta.exists():
         return None
-    return _load_split(entry / "train"), _load_split(entry / "eval"), json.loads(meta.read_text())
+    return _load_split(entry / "train.arrow"), _load_split(entry / "eval.arrow"), json.loads(meta.read_text())
 
 
-def store(entry: Path, train: list[Example], eval_: list[Example], stats: dict) -> None:
+def new_entry(entry: Path) -> Path:
+    """A private directory to write an entry into; ``publish`` renames it into place."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, entry: Path, stats: dict) -> None:
     try:
-        _save_split(train, tmp / "train")
-        _save_split(eval_, tmp / "eval")
         (tmp / "meta.json").write_text(json.dumps(stats, indent=1))
         try:
             os.rename(tmp, entry)

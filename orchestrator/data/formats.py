@@ -7,7 +7,7 @@ trained segment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DataConfig
@@ -23,6 +23,11 @@ class Formatted:
     add_special_tokens: bool
     # Append EOS (trained) right after the target segment.
     eos_after_target: bool
+    # Tokenize the segments joined, once (chat: what the model sees at inference), rather than
+    # one by one (alpaca and text: prompt and response apart, as TRL does).
+    whole: bool = False
+    # The answer of each trained segment (chat: each assistant turn), for a cut at a turn's end.
+    targets: list[str] = field(default_factory=list)
 
 
 def _string(row: dict, name: str, where: str, required: bool) -> str:
@@ -93,42 +98,29 @@ def chat_template(cfg: DataConfig, tokenizer) -> str:
 
 
 def _chat(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
-    """Assistant turns are the trained segments, located by rendering the conversation one
-    prefix at a time (the template must render a prefix as a prefix of the whole)."""
+    """Assistant turns (content and end-of-turn marker) are the trained segments, located in
+    one render of the conversation (chat.py says how, and when it renders prefix by prefix)."""
+    from .chat import renderer
+
     messages = check_messages(row, cfg, where)
-    template = chat_template(cfg, tokenizer)
-
-    def render(msgs: list[dict], generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
-        except Exception as exc:  # jinja raises template errors of its own kinds
-            raise DataError(f"{where}: the chat template failed ({str(exc).splitlines()[0]})") from None
-
+    rendered = renderer(chat_template(cfg, tokenizer), tokenizer).render(messages, where)
+    full = rendered.text
     segments: list[tuple[str, bool]] = []
-    done = ""
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(messages[:i], True) if i else render([], True)
-        after = render(messages[: i + 1], False)
-        if not (before.startswith(done) and after.startswith(before)):
-            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix, "
-                            "so assistant turns cannot be located; use a template that does")
-        segments += [(before[len(done):], False), (after[len(before):], True)]
-        done = after
-    full = render(messages, False)
-    if full[len(done):]:
-        segments.append((full[len(done):], False))
-    segments = [s for s in segments if s[0]]
-    target_index = max(i for i, s in enumerate(segments) if s[1])
+    at = 0
+    for start, end in rendered.spans:
+        segments += [(full[at:start], False), (full[start:end], True)]
+        at = end
+    segments.append((full[at:], False))
+    keep = [s for s in segments if s[0]]
+    target_index = max(i for i, s in enumerate(keep) if s[1])
     bos = getattr(tokenizer, "bos_token", None)
     eos = getattr(tokenizer, "eos_token", None)
     return Formatted(
-        segments, target_index, messages[_last_assistant(messages)]["content"],
+        keep, target_index, messages[_last_assistant(messages)]["content"],
         add_special_tokens=not (bos and full.startswith(bos)),
         # Without an EOS in the template the model would never learn to stop.
         eos_after_target=not (eos and eos in full),
+        whole=True, targets=[messages[i]["content"] for i in rendered.turns],
     )
 
 

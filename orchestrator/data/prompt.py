@@ -9,7 +9,7 @@ from typing import Optional
 from ..config import DataConfig
 from .formats import format_row
 from .sources import DataError
-from .tokenize import tokenize
+from .tokenize import fit, tokenize_batch
 
 # Generation is not bound by the training length; the model's own context limit applies.
 _NO_LIMIT = 1 << 30
@@ -45,6 +45,7 @@ def prepare_prompt(cfg: DataConfig, tokenizer, row: dict, where: str = "prompt")
         if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
         row[cfg.messages_field] = [*messages, {"role": "assistant", "content": ""}]
-    settings = dataclasses.replace(cfg, max_seq_len=_NO_LIMIT, train_on_prompt=False)
-    example, _ = tokenize(format_row(row, settings, where, tokenizer), tokenizer, settings, where)
-    return list(example.prompt_ids)
+    settings = dataclasses.replace(cfg, max_seq_len=_NO_LIMIT, train_on_prompt=False, truncation="right")
+    formatted = format_row(row, settings, where, tokenizer)
+    fitted, _ = fit(formatted, tokenize_batch([formatted], tokenizer, settings)[0], settings, where)
+    return list(fitted.ids[: fitted.prompt_len])

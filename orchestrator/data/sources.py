@@ -49,12 +49,174 @@ def _kind(p: Path) -> str:
     return "json" if p.suffix in (".json", ".jsonl") else p.suffix[1:]
 
 
+@dataclass
+class Chunk:
+    """A run of consecutive rows of one file that a worker reads, formats and tokenizes alone.
+
+    JSONL chunks are byte ranges the worker reads itself; rows of other files travel in the
+    chunk (``rows``: a list of dicts or an Arrow record batch)."""
+
+    file: str
+    first: int  # line number (JSONL) or row number of the first row, from 1
+    ordinal: int  # the first row's index among all rows of the source, for the eval split
+    count: int  # rows (non-blank lines) in the chunk
+    start: int = 0
+    end: int = 0
+    rows: object = None
+
+
+class Source:
+    """The rows of a file or shard directory, counted up front (the progress bar's total and the
+    eval split need the count) and handed out in chunks without holding them all."""
+
+    def __init__(self, path: str, chunk_rows: int = 1000) -> None:
+        self.files = data_files(path)
+        self.chunk_rows = chunk_rows
+        self._jsonl: dict[Path, list[Chunk]] = {}
+        self._arrays: dict[Path, list] = {}
+        self.total = 0
+        for f in self.files:
+            if _kind(f) == "json" and not _is_array(f):
+                self._jsonl[f] = _plan_lines(f, self.total, chunk_rows)
+                self.total += sum(c.count for c in self._jsonl[f])
+            elif _kind(f) == "json":
+                self._arrays[f] = _read_array(f)
+                self.total += len(self._arrays[f])
+            else:
+                self.total += _count_table(f)
+
+    def chunks(self):
+        ordinal = 0
+        for f in self.files:
+            if f in self._jsonl:
+                yield from self._jsonl[f]
+                ordinal += sum(c.count for c in self._jsonl[f])
+                continue
+            batches = ([self._arrays.pop(f)] if f in self._arrays else _table_batches(f, self.chunk_rows))
+            row = 1
+            for batch in batches:
+                for lo in range(0, len(batch), self.chunk_rows):
+                    part = batch[lo: lo + self.chunk_rows]
+                    yield Chunk(str(f), row, ordinal, len(part), rows=part)
+                    row, ordinal = row + len(part), ordinal + len(part)
+
+
+def _is_array(f: Path) -> bool:
+    if f.suffix != ".json":
+        return False
+    with f.open("rb") as fh:
+        head = fh.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def _plan_lines(f: Path, ordinal: int, chunk_rows: int) -> list[Chunk]:
+    """Byte ranges of ``chunk_rows`` non-blank lines each (one pass, no line kept)."""
+    chunks: list[Chunk] = []
+    start = pos = 0
+    first, count = 1, 0
+    with f.open("rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if count == 0:
+                start, first = pos, lineno
+            pos += len(line)
+            if line.strip():
+                count += 1
+                if count == chunk_rows:
+                    chunks.append(Chunk(str(f), first, ordinal, count, start, pos))
+                    ordinal, count = ordinal + count, 0
+    if count:
+        chunks.append(Chunk(str(f), first, ordinal, count, start, pos))
+    return chunks
+
+
+def _read_array(f: Path) -> list:
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{f}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _csv_options(f: Path):
+    """CSV cells stay strings (``"12"`` is an answer, not an int); empty cells are ``""``."""
+    import csv
+
+    from pyarrow import csv as pacsv
+    import pyarrow as pa
+
+    with f.open(newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), None)
+    if not header:
+        raise DataError(f"{f}: no rows")
+    return dict(parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
+                                                     strings_can_be_null=False))
+
+
+def _table_batches(f: Path, chunk_rows: int):
+    """Record batches of a Parquet or CSV file, read as a stream."""
+    try:
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            yield from pq.ParquetFile(f).iter_batches(batch_size=chunk_rows)
+        else:
+            from pyarrow import csv as pacsv
+
+            yield from pacsv.open_csv(f, **_csv_options(f))
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow raises many types for unreadable files
+        raise DataError(f"{f}: cannot be read as {_kind(f)} ({str(exc).splitlines()[0]})") from None
+
+
+def _count_table(f: Path) -> int:
+    if f.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(f).metadata.num_rows
+        except Exception as exc:
+            raise DataError(f"{f}: cannot be read as parquet ({str(exc).splitlines()[0]})") from None
+    return sum(len(b) for b in _table_batches(f, 1 << 16))
+
+
+def chunk_rows(chunk: Chunk):
+    """(where, row) of every row of the chunk; a row that is not an object comes as a DataError."""
+    f = Path(chunk.file)
+    if chunk.rows is None:
+        with f.open("rb") as fh:
+            fh.seek(chunk.start)
+            data = fh.read(chunk.end - chunk.start)
+        for lineno, line in enumerate(data.split(b"\n"), start=chunk.first):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield f"{f}:{lineno}", DataError(f"{f}:{lineno}: invalid JSON ({getattr(e, 'msg', e)})")
+                continue
+            yield f"{f}:{lineno}", _object(row, f"{f}:{lineno}")
+        return
+    rows = chunk.rows if isinstance(chunk.rows, list) else chunk.rows.to_pylist()
+    for i, row in enumerate(rows, start=chunk.first):
+        yield f"{f}: row {i}", _object(row, f"{f}: row {i}")
+
+
+def _object(row, where: str):
+    if not isinstance(row, dict):
+        return DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 def read_rows(path: str, on_bad_row: str = "error", cache_dir: Optional[str] = None) -> Rows:
     """Every row of ``path`` (file or shard directory); a bad row raises unless skipping."""
     out = Rows()
-    for f in data_files(path):
-        reader = _read_json if _kind(f) == "json" else _read_table
-        reader(f, out, on_bad_row, cache_dir)
+    for chunk in Source(path).chunks():
+        for where, row in chunk_rows(chunk):
+            if isinstance(row, DataError):
+                bad_row(out, on_bad_row, str(row))
+            else:
+                out.rows.append((where, row))
     if not out.rows:
         why = f" ({len(out.skipped)} bad rows skipped, first: {out.skipped[0]})" if out.skipped else ""
         raise DataError(f"{path}: no rows{why}")
@@ -66,54 +228,3 @@ def bad_row(out: Rows, on_bad_row: str, message: str) -> None:
     if on_bad_row != "skip":
         raise DataError(message)
     out.skipped.append(message)
-
-
-def _read_json(f: Path, out: Rows, on_bad_row: str, cache_dir: Optional[str]) -> None:
-    text = f.read_text(encoding="utf-8")
-    if f.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{f}:{e.lineno}: invalid JSON ({e.msg})") from None
-        for i, row in enumerate(items, start=1):
-            _add(out, f"{f}: row {i}", row, on_bad_row)
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad_row(out, on_bad_row, f"{f}:{lineno}: invalid JSON ({e.msg})")
-            continue
-        _add(out, f"{f}:{lineno}", row, on_bad_row)
-
-
-def _add(out: Rows, where: str, row, on_bad_row: str) -> None:
-    if not isinstance(row, dict):
-        bad_row(out, on_bad_row, f"{where}: expected a JSON object, got {type(row).__name__}")
-        return
-    out.rows.append((where, row))
-
-
-def _read_table(f: Path, out: Rows, on_bad_row: str, cache_dir: Optional[str]) -> None:
-    """Parquet or CSV through ``datasets``; CSV cells stay strings (``"12"`` is an answer, not an int)."""
-    import datasets
-
-    kwargs: dict = {}
-    if f.suffix == ".csv":
-        import csv
-
-        with f.open(newline="", encoding="utf-8") as fh:
-            header = next(csv.reader(fh), None)
-        if not header:
-            raise DataError(f"{f}: no rows")
-        kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
-                  "na_filter": False}
-    try:
-        ds = datasets.load_dataset(_kind(f), data_files=[str(f)], split="train",
-                                   cache_dir=str(Path(cache_dir) / "hf") if cache_dir else None, **kwargs)
-    except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
-        raise DataError(f"{f}: cannot be read as {_kind(f)} ({str(exc).splitlines()[0]})") from None
-    for i, row in enumerate(ds, start=1):
-        out.rows.append((f"{f}: row {i}", row))
