@@ -28,7 +28,8 @@ from .distributed import (
     DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
     peak_memory_mb, release_free_host_memory, resolve_precision, set_phase, shutdown,
 )
-from .evaluate import eval_loss, exact_match, token_loss_sum
+from .evaluate import eval_loss, exact_match
+from .loss import build_loss
 from .metrics import build_logger
 from .preempt import StopRequest
 from .runinfo import git_commit, hardware, library_versions, peak_flops
@@ -137,6 +138,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     tokenizer = load_tokenizer(cfg.model)
     model = strategy.load_model(cfg.model, cfg.quant, cfg.lora)
     base_storage = base_linear_storage(model)  # before any sharding
+    loss_fn, loss_kind = build_loss(t.loss, model, announce=dist.is_main)  # before the strategy wraps
     trainable, total = count_parameters(model)
 
     set_phase("data loading (rank 0 tokenizes or reads the cache, the others wait)")
@@ -175,8 +177,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             log.info("%s%s", line, " (tokenized cache " + ("hit" if splits.cache_hit else "written") + ")")
         log.info(
             "strategy=%s world=%d device=%s precision=%s quant=%s accumulation=%d steps=%d "
-            "trainable=%d/%d params%s", strategy.name, dist.world_size, dist.device,
-            str(compute_dtype).replace("torch.", ""), cfg.quant.method, accum, total_steps, trainable, total,
+            "trainable=%d/%d params loss=%s%s", strategy.name, dist.world_size, dist.device,
+            str(compute_dtype).replace("torch.", ""), cfg.quant.method, accum, total_steps, trainable, total, loss_kind,
             f" (resuming at step {start_step} from {resume_from})" if resume_from else "",
         )
 
@@ -211,8 +213,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items() if k != "token_mask"}
             with strategy.accumulate(sync=j == len(micro) - 1):
                 with autocast():
-                    logits = strategy.train_module(**model_inputs(b), use_cache=False).logits
-                    loss, _ = token_loss_sum(logits, b["labels"])
+                    loss = loss_fn(strategy.train_module, model_inputs(b), b["labels"])
                     if faults.armed("nan_loss", step, dist.rank):
                         loss = loss * float("nan")
                 strategy.backward(loss * scale)
@@ -309,6 +310,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "skipped_steps": skipped,
         "holdings_bytes": holdings,
         "base_storage": base_storage,
+        "loss": loss_kind,
         "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint},
     }
     logger.close()
