@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint, faults
 from .config import RunConfig, accumulation_steps, to_container
-from .data import StepSampler, collate, collate_packed, describe, load_splits, model_inputs
+from .data import StepSampler, TokenBudgetSampler, collate, collate_rows, describe, load_splits, model_inputs
 from .distributed import (
     DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
     peak_memory_mb, release_free_host_memory, resolve_precision, set_phase, shutdown,
@@ -144,12 +144,18 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     set_phase("data loading (rank 0 tokenizes or reads the cache, the others wait)")
     splits = load_splits(cfg.data, tokenizer, dist.is_main, broadcast_object)
     train_examples, eval_examples = splits.train, splits.eval
-    make_batch = (functools.partial(collate_packed, capacity=cfg.data.max_seq_len)
-                  if cfg.data.packing else collate)
     accum = accumulation_steps(cfg, dist.world_size)
     planned_mb = _planned_peak_mb(cfg, dist, compute_dtype)
-    sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
-                          dist.world_size, dist.rank, t.seed, fingerprint=splits.fingerprint)
+    pad_id = tokenizer.pad_token_id
+    if cfg.data.packing:  # token budget: micro_batch_size rows of max_seq_len, packed over the global batch
+        sampler = TokenBudgetSampler(
+            len(train_examples), t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank,
+            t.seed, lambda i: len(train_examples[i].input_ids), cfg.data.max_seq_len, splits.fingerprint)
+        make_batch = lambda mb: collate_rows([[train_examples[i] for i in row] for row in mb], pad_id)  # noqa: E731
+    else:
+        sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
+                              dist.world_size, dist.rank, t.seed, fingerprint=splits.fingerprint)
+        make_batch = lambda mb: collate([train_examples[i] for i in mb], pad_id)  # noqa: E731
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch
     strategy.setup(model, cfg.optim, total_steps, BatchPlan(t.micro_batch_size, accum, t.max_grad_norm))
     # Start-up peak per rank (model loaded, quantized and sharded): what low-memory loading saves.
@@ -199,8 +205,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         if faults.armed("hang", step, dist.rank):
             time.sleep(3600)  # a rank stuck outside any collective
         set_phase(f"step {step} forward/backward (gradient all-reduce)")
-        micro = [make_batch([train_examples[i] for i in mb], tokenizer.pad_token_id)
-                 for mb in sampler.micro_batches(step - 1)]
+        micro = [make_batch(mb) for mb in sampler.micro_batches(step - 1)]
         local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
         local_positions = sum(b["input_ids"].numel() for b in micro)
@@ -255,6 +260,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
                 "step_time_s": dt,
                 "peak_memory_mb": [round(r[1], 1) for r in per_rank],
             }
+            if cfg.data.packing:  # tokens / (packed rows x max_seq_len) over the global batch
+                metrics["row_fill"] = sampler.row_fill(step - 1)
             if not finite:
                 metrics["skipped"] = True
             if peak is not None:

@@ -6,6 +6,7 @@ its micro-batches.
     tokenize  segments -> ids and labels (-100 on prompt), truncation policy
     cache     tokenize once; every rank and later run reads the same Arrow entry
     collate   right-padded or packed micro-batches
+    budget    token-budget packing of the whole global batch (best-fit decreasing)
     sampler   deterministic per-rank position, checkpointed
 """
 
@@ -18,7 +19,8 @@ from typing import Any, Sequence
 
 from ..config import DataConfig
 from .cache import ExampleSet, cache_root, fingerprint, lookup, store
-from .collate import collate, collate_packed, model_inputs, pack_rows
+from .budget import TokenBudgetSampler
+from .collate import collate, collate_packed, collate_rows, model_inputs, pack_rows
 from .formats import check_messages, format_alpaca, format_row
 from .sampler import StepSampler, eval_shard
 from .sources import DataError, Rows, bad_row, data_files, read_rows
@@ -26,7 +28,7 @@ from .tokenize import IGNORE_INDEX, Example, LengthError, tokenize
 
 __all__ = [
     "IGNORE_INDEX", "DataError", "Example", "ExampleSet", "Splits", "StepSampler", "check_rows",
-    "collate", "collate_packed", "eval_shard", "format_alpaca", "load_examples", "load_splits",
+    "TokenBudgetSampler", "collate", "collate_packed", "collate_rows", "eval_shard", "format_alpaca", "load_examples", "load_splits",
     "model_inputs", "pack_rows", "prepare", "read_rows",
 ]
 
