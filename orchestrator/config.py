@@ -169,6 +169,10 @@ class TrainerConfig:
     # On a non-finite loss or gradient norm: stop (the last good checkpoint stays) or skip
     # the update and go on.
     on_nonfinite: str = "stop"
+    # chunked: cross-entropy computed inside the output head over labelled positions only, a
+    # chunk at a time, never the full-vocabulary logits (orchestrator/loss.py); falls back to
+    # plain (full logits), with a warning, for heads it cannot replace.
+    loss: str = "chunked"
 
 
 @dataclass
@@ -389,6 +393,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.scheduler": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
     "trainer.on_nonfinite": ("stop", "skip"),
+    "trainer.loss": ("chunked", "plain"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "sweep.kind": ("grid", "optuna"),
     "sweep.direction": ("minimize", "maximize"),

@@ -9,24 +9,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX, Example, collate, eval_shard
+from .data import Example, collate, eval_shard
 from .distributed import DistInfo, all_reduce_sum
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over labelled positions, number of those positions)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, (shift_labels != IGNORE_INDEX).sum()
+from .loss import token_loss_sum
 
 
 def _batches(examples: Sequence[Example], dist: DistInfo, batch_size: int):

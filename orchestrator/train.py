@@ -22,12 +22,13 @@ import torch
 
 from . import checkpoint, commcount, faults, rundir
 from .config import RunConfig, accumulation_steps, to_container
-from .data import StepSampler, collate, collate_packed, describe, load_splits, model_inputs
+from .data import StepSampler, TokenBudgetSampler, collate, collate_rows, describe, load_splits, model_inputs
 from .distributed import (
     DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
     peak_memory_mb, release_free_host_memory, resolve_precision, set_phase, shutdown,
 )
-from .evaluate import eval_loss, exact_match, token_loss_sum
+from .evaluate import eval_loss, exact_match
+from .loss import build_loss
 from .metrics import build_logger
 from .preempt import StopRequest
 from .runinfo import code_info, hardware, library_versions, peak_flops
@@ -172,17 +173,24 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     tokenizer = load_tokenizer(cfg.model)
     model = strategy.load_model(cfg.model, cfg.quant, cfg.lora)
     base_storage = base_linear_storage(model)  # before any sharding
+    loss_fn, loss_kind = build_loss(t.loss, model, announce=dist.is_main)  # before the strategy wraps
     trainable, total = count_parameters(model)
 
     set_phase("data loading (rank 0 tokenizes or reads the cache, the others wait)")
     splits = load_splits(cfg.data, tokenizer, dist.is_main, broadcast_object)
     train_examples, eval_examples = splits.train, splits.eval
-    make_batch = (functools.partial(collate_packed, capacity=cfg.data.max_seq_len)
-                  if cfg.data.packing else collate)
     accum = accumulation_steps(cfg, dist.world_size)
     planned_mb = _planned_peak_mb(cfg, dist, compute_dtype, splits)
-    sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
-                          dist.world_size, dist.rank, t.seed, fingerprint=splits.fingerprint)
+    pad_id = tokenizer.pad_token_id
+    if cfg.data.packing:  # token budget: micro_batch_size rows of max_seq_len, packed over the global batch
+        sampler = TokenBudgetSampler(
+            len(train_examples), t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank,
+            t.seed, lambda i: len(train_examples[i].input_ids), cfg.data.max_seq_len, splits.fingerprint)
+        make_batch = lambda mb: collate_rows([[train_examples[i] for i in row] for row in mb], pad_id)  # noqa: E731
+    else:
+        sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
+                              dist.world_size, dist.rank, t.seed, fingerprint=splits.fingerprint)
+        make_batch = lambda mb: collate([train_examples[i] for i in mb], pad_id)  # noqa: E731
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch
     set_phase("strategy setup (wrapping the model, building the optimizer)")
     strategy.setup(model, cfg.optim, total_steps, BatchPlan(t.micro_batch_size, accum, t.max_grad_norm))
@@ -213,8 +221,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             log.info("%s%s", line, " (tokenized cache " + ("hit" if splits.cache_hit else "written") + ")")
         log.info(
             "strategy=%s world=%d device=%s precision=%s quant=%s accumulation=%d steps=%d "
-            "trainable=%d/%d params%s", strategy.name, dist.world_size, dist.device,
-            str(compute_dtype).replace("torch.", ""), cfg.quant.method, accum, total_steps, trainable, total,
+            "trainable=%d/%d params loss=%s%s", strategy.name, dist.world_size, dist.device,
+            str(compute_dtype).replace("torch.", ""), cfg.quant.method, accum, total_steps, trainable, total, loss_kind,
             f" (resuming at step {start_step} from {resume_from})" if resume_from else "",
         )
 
@@ -236,8 +244,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         t0 = time.perf_counter()
         faults.at_step_start(step, dist.rank, run_dir)  # test hooks: pace, wait, hang
         set_phase(f"step {step} forward/backward (gradient all-reduce)")
-        micro = [make_batch([train_examples[i] for i in mb], tokenizer.pad_token_id)
-                 for mb in sampler.micro_batches(step - 1)]
+        micro = [make_batch(mb) for mb in sampler.micro_batches(step - 1)]
         local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
         local_positions = sum(b["input_ids"].numel() for b in micro)
@@ -250,8 +257,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items() if k != "token_mask"}
             with strategy.accumulate(sync=j == len(micro) - 1):
                 with autocast():
-                    logits = strategy.train_module(**model_inputs(b), use_cache=False).logits
-                    loss, _ = token_loss_sum(logits, b["labels"])
+                    loss = loss_fn(strategy.train_module, model_inputs(b), b["labels"])
                     if faults.armed("nan_loss", step, dist.rank):
                         loss = loss * float("nan")
                 strategy.backward(loss * scale)
@@ -294,6 +300,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
                 "step_time_s": dt,
                 "peak_memory_mb": [round(r[1], 1) for r in per_rank],
             }
+            if cfg.data.packing:  # tokens / (packed rows x max_seq_len) over the global batch
+                metrics["row_fill"] = sampler.row_fill(step - 1)
             if not finite:
                 metrics["skipped"] = True
             if peak is not None:
@@ -356,6 +364,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "skipped_steps": skipped,
         "holdings_bytes": holdings,
         "base_storage": base_storage,
+        "loss": loss_kind,
         "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint},
         **code_info(),  # version, git commit (None outside a clone) and where the code ran from
     }

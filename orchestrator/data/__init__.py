@@ -8,6 +8,7 @@ its micro-batches.
     pipeline  chunks -> worker processes -> Arrow shards written as they come, with progress
     cache     tokenize once; every rank and later run reads the same Arrow entry
     collate   right-padded or packed micro-batches
+    budget    token-budget packing of the whole global batch (best-fit decreasing)
     sampler   deterministic per-rank position, checkpointed
 """
 
@@ -21,7 +22,8 @@ from typing import Any, Sequence
 from ..config import DataConfig
 from . import pipeline
 from .cache import ExampleSet, cache_root, fingerprint, lookup, new_entry, publish
-from .collate import collate, collate_packed, model_inputs, pack_rows
+from .budget import TokenBudgetSampler
+from .collate import collate, collate_packed, collate_rows, model_inputs, pack_rows
 from .formats import chat_template, check_messages, format_alpaca, format_row
 from .prompt import prepare_prompt, prompt_row
 from .sampler import StepSampler, eval_shard
@@ -30,8 +32,9 @@ from .tokenize import IGNORE_INDEX, Example, LengthError
 
 __all__ = [
     "IGNORE_INDEX", "DataError", "Example", "ExampleSet", "Splits", "StepSampler", "check_rows",
-    "collate", "collate_packed", "eval_shard", "format_alpaca", "load_examples", "load_splits",
-    "model_inputs", "pack_rows", "prepare", "prepare_prompt", "prompt_row", "read_rows",
+    "TokenBudgetSampler", "collate", "collate_packed", "collate_rows", "eval_shard", "format_alpaca",
+    "load_examples", "load_splits", "model_inputs", "pack_rows", "prepare", "prepare_prompt", "prompt_row",
+    "read_rows",
 ]
 
 

@@ -60,7 +60,12 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 def collate_packed(examples: Sequence[Example], pad_id: int, capacity: int) -> dict:
     """Pack the examples into as few rows of at most ``capacity`` tokens as first-fit allows."""
     rows = pack_rows([len(e.input_ids) for e in examples], capacity)
-    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    return collate_rows([[examples[i] for i in row] for row in rows], pad_id)
+
+
+def collate_rows(rows: Sequence[Sequence[Example]], pad_id: int) -> dict:
+    """One tensor row per list of examples, laid end to end (see the module docstring)."""
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -69,8 +74,7 @@ def collate_packed(examples: Sequence[Example], pad_id: int, capacity: int) -> d
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
-        for i in row:
-            e = examples[i]
+        for e in row:
             n = len(e.input_ids)
             ids[r, at:at + n] = torch.tensor(e.input_ids)
             labels[r, at + 1:at + n] = torch.tensor(e.labels[1:])
