@@ -255,7 +255,7 @@ def test_interrupts_checkpoint_and_resume_exactly(reference, tmp_path) -> None:
     status = orchestrate("status", str(run_dir))
     assert status.returncode == 0, status.stderr
     row = status.stdout.splitlines()[1].split()
-    assert row[:3] == ["interrupted", "stopped", "(at"] and "step-00000006" in row, status.stdout
+    assert row[:3] == ["interrupted", "stopped", "(SIGINT)"] and "step-00000006" in row, status.stdout
 
     # 3. SIGTERM to one rank: the same agreed stop, exit code 143.
     rc, out, err = _stop_at_pause(run_dir, 7, lambda p: os.kill(_worker_pid(run_dir, 1), signal.SIGTERM))
