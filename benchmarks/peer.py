@@ -2,7 +2,8 @@
 
     python benchmarks/peer.py [--steps 8] [--model DIR] [--data FILE.jsonl] [--out DIR] [-- overrides]
 
-Both sides train the same model (4-bit NF4 with double quantization, bf16 compute), the same
+Both sides train the same model (4-bit NF4 with double quantization, the same compute dtype:
+``--precision``, bf16 where the hardware has it and fp32 where bf16 would only be emulated), the same
 chat data file (``messages`` rows), LoRA r=16 / alpha 32 / dropout 0.05 on every linear layer,
 AdamW at the same learning rate and schedule, clipping 1.0, packing, activation checkpointing,
 on the same number of gloo ranks under torchrun, with the same global batch in tokens:
@@ -16,7 +17,7 @@ ours), ``packing_strategy="bfd"`` (best-fit decreasing, which turns on padding-f
 its fused chunked LM-head loss and its per-step entropy/accuracy metrics. Set to match ours:
 ``packing=True``, ``max_length``, ``assistant_only_loss=True`` (ours trains on every assistant
 turn: the default tokenizer's ChatML template marks the same ``content<|im_end|>\\n`` spans as
-``{% generation %}``), ``bf16=True``, ``use_cpu`` and ``ddp_backend="gloo"`` on CPU,
+``{% generation %}``), ``bf16`` per ``--precision``, ``use_cpu`` and ``ddp_backend="gloo"`` on CPU,
 ``include_num_input_tokens_seen="non_padding"``, the learning rate, cosine schedule and warm-up,
 and bitsandbytes' AVX512-BF16 repacking disabled on its model as on ours (FACTS.md).
 
@@ -42,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # torch attribute names: torch is imported late
 
 # Qwen's ChatML (real_tokenizer.CHATML_TEMPLATE, rendering the same text) with the assistant's
 # content and end of turn inside {% generation %}, so TRL's assistant_only_loss trains on the
@@ -135,10 +137,10 @@ def trl_worker(args: argparse.Namespace) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=torch.bfloat16, device_map={"": device},
+        args.model, dtype=getattr(torch, DTYPES[args.precision]), device_map={"": device},
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16),
+            bnb_4bit_compute_dtype=getattr(torch, DTYPES[args.precision])),
     )
     disable_cpu_repacking(model)  # bitsandbytes' CPU repacking pitfall (FACTS.md)
     times: list[float] = []
@@ -161,7 +163,7 @@ def trl_worker(args: argparse.Namespace) -> None:
     cfg = SFTConfig(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.micro,
         gradient_accumulation_steps=accum, learning_rate=args.lr, lr_scheduler_type="cosine",
-        warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0, bf16=True, use_cpu=not cuda,
+        warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0, bf16=args.precision == "bf16", use_cpu=not cuda,
         ddp_backend=None if cuda else "gloo", max_length=args.max_seq_len, packing=True,
         assistant_only_loss=True, include_num_input_tokens_seen="non_padding",
         logging_steps=10**9, save_strategy="no", report_to=[], seed=args.seed,
@@ -192,7 +194,8 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict:
            "--master_port=29533", __file__, "--trl-worker", "--result", str(result),
            "--out", str(out / "trl"), "--model", str(args.model), "--data", str(args.data),
            "--steps", str(args.steps), "--rows", str(args.rows), "--micro", str(args.micro),
-           "--max-seq-len", str(args.max_seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
+           "--max-seq-len", str(args.max_seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
+           "--precision", args.precision]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -225,7 +228,7 @@ def run_ours(args: argparse.Namespace, out: Path, name: str, overrides: list[str
         "data.eval_path=null", f"data.max_seq_len={args.max_seq_len}", "data.truncation=right",
         "data.packing=true", f"data.cache_dir={out / 'cache'}", "model.gradient_checkpointing=true",
         f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={examples}",
-        f"trainer.micro_batch_size={args.micro}", "trainer.precision=bf16",
+        f"trainer.micro_batch_size={args.micro}", f"trainer.precision={args.precision}",
         "trainer.eval_generate_examples=0", "trainer.save_every=0", f"trainer.seed={args.seed}",
         f"optim.lr={args.lr}", "optim.warmup_steps=2", "optim.scheduler=cosine",
         "lora.r=16", "lora.alpha=32", "lora.dropout=0.05", f"launcher.nproc_per_node={args.nproc}",
@@ -264,6 +267,9 @@ def main() -> None:
     ap.add_argument("--fill", type=float, default=0.95, help="expected row fill, for ours' batch in examples")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                    help="both sides' compute dtype (default: bf16 where the hardware has it, a GPU "
+                         "or a CPU with AVX512-BF16/AMX; fp32 where bf16 would only be emulated)")
     ap.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of rerunning")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--variant", action="append", default=[],
@@ -272,6 +278,13 @@ def main() -> None:
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     ap.add_argument("extra", nargs="*", help="extra overrides for orchestrate (after --)")
     args = ap.parse_args()
+    if args.precision is None:
+        import torch
+
+        from orchestrator.distributed import resolve_precision
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        args.precision = "bf16" if resolve_precision("auto", device) == torch.bfloat16 else "fp32"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.trl_worker:
