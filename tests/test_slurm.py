@@ -63,8 +63,13 @@ def test_two_node_job_trains(slurm, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path) -> None:
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path, monkeypatch) -> None:
+    from launch.status import run_status
+
+    for key, value in slurm.env.items():  # `orchestrate status` asks this cluster's squeue
+        monkeypatch.setenv(key, value)
     steps = 30
+    requeued = None
     run_dir = tmp_path / "preempted"
     job = _submit(slurm, run_dir, f"trainer.max_steps={steps}")
     _wait_for_steps(run_dir, 3)
@@ -83,6 +88,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path)
         # Release only once both nodes are idle: a job started while slurmd is still killing
         # its previous incarnation is refused ("Job 2 already killed, do not launch batch
         # job") and ends FAILED.
+        if state == "PENDING" and slurm.job_field(job, "Restarts") == "1" and requeued is None:
+            requeued = run_status(run_dir)  # stopped at its checkpoint, the job pending again
         if (state == "PENDING" and slurm.job_field(job, "Restarts") == "1"
                 and slurm.nodes_idle()):
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env,
@@ -102,6 +109,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path)
     assert f"resuming at step {stopped_at}" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == steps
+    assert requeued is not None and requeued.job == f"{job} PENDING", requeued
+    assert requeued.state == "stopped" and requeued.step == stopped_at, requeued
+    assert requeued.checkpoint == f"step-{stopped_at:08d}", requeued
+    done = run_status(run_dir)
+    assert (done.state, done.step, done.total) == ("finished", steps, steps), done
 
     # Same steps and losses as an uninterrupted local run of the same config on 2 ranks.
     ref_dir = tmp_path / "uninterrupted"
