@@ -30,7 +30,7 @@ demo: setup
 	$(VENV)/bin/orchestrate train $(DEMO_ARGS)
 
 test: setup
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=30 tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -10,6 +10,7 @@ checkpoint as the one a resume picks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -118,14 +119,36 @@ class CheckpointWriteError(RuntimeError):
     message is one line: the step, the path, the cause and the checkpoint a restart resumes from."""
 
 
-def _write_failure(exc: BaseException) -> Optional[OSError]:
-    """The OSError behind ``exc``: raised directly, or collected by torch.distributed.checkpoint
-    from whichever rank hit it (CheckpointException carries each rank's exception)."""
-    if isinstance(exc, OSError):
-        return exc
+# torch.save's zip writer reports a short write (a full disk) as a RuntimeError of its own.
+_TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def _storage_error(err: BaseException, where: Path) -> Optional[OSError]:
+    if isinstance(err, OSError):
+        return err
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, RuntimeError) and any(m in text for m in _TORCH_SHORT_WRITE):
+        try:  # a short write on a full filesystem is the usual cause; say which it was
+            full = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free < 16 * 2**20
+        except (OSError, StopIteration):
+            full = False
+        if full:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+        return OSError(errno.EIO, f"short write ({text[-60:].strip()})", str(where))
+    return None
+
+
+def _write_failure(exc: BaseException, where: Path) -> Optional[OSError]:
+    """The storage error behind ``exc``: raised directly, or collected by
+    torch.distributed.checkpoint from whichever rank hit it (CheckpointException carries each
+    rank's exception)."""
+    direct = _storage_error(exc, where)
+    if direct is not None:
+        return direct
     for err, _trace in getattr(exc, "failures", {}).values():
-        if isinstance(err, OSError):
-            return err
+        found = _storage_error(err, where)
+        if found is not None:
+            return found
     return None
 
 
@@ -143,7 +166,7 @@ def _agreed(run_dir: Path, what: str, partial: Path, dist: DistInfo) -> Iterator
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         error = exc
-    failure = _write_failure(error) if error is not None else None
+    failure = _write_failure(error, partial) if error is not None else None
     mine = None if error is None else (
         f"{failure.strerror or failure} ({failure.filename or partial})" if failure is not None
         else f"{type(error).__name__}: {error}".splitlines()[0])

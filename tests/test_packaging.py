@@ -142,7 +142,7 @@ def test_installed_package_runs_outside_the_repository(installed) -> None:
 
     dry = installed.orchestrate("train", "launcher=slurm", "launcher.dry_run=true")
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.startswith("#!/bin/bash") and f"{installed.python} -m torch.distributed.run" in dry.stdout
+    assert dry.stdout.startswith("#!/bin/bash") and f"{installed.python} -m launch.torchrun" in dry.stdout
     (job_file,) = installed.cwd.glob("runs/*/job.sbatch")
     frozen = (job_file.parent / "config.yaml").read_text()
     assert f"template: {installed.site}/launch/_slurm/train.sbatch" in frozen

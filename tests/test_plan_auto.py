@@ -109,7 +109,10 @@ def test_auto_is_resolved_once_frozen_and_reused_on_resume(tmp_path):
     # differently: the frozen values are kept (the launcher does not re-plan; a dry-run Slurm
     # launch stands in for the relaunch, rendering the job without running it).
     tighter = _budget_between(local, 1, big=8, small=4)
-    tight = ["launcher=slurm", "launcher.dry_run=true", f"plan.host_memory_gb={tighter:.4f}", *common]
+    # plan.enforce=false: the frozen micro-batch no longer fits the tighter budget, which the
+    # launcher's memory check would refuse; what is tested here is that auto is not re-planned.
+    tight = ["launcher=slurm", "launcher.dry_run=true", f"plan.host_memory_gb={tighter:.4f}",
+             "plan.enforce=false", *common]
     fresh = orchestrate("train", f"run.dir={tmp_path / 'fresh'}", *tight)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert yaml.safe_load((tmp_path / "fresh" / "config.yaml").read_text())["trainer"]["micro_batch_size"] == 4
