@@ -22,7 +22,10 @@ import torch
 
 from . import checkpoint, commcount, faults, rundir
 from .config import RunConfig, accumulation_steps, to_container
-from .data import StepSampler, TokenBudgetSampler, collate, collate_rows, describe, load_splits, model_inputs
+from .data import (
+    StepSampler, TokenBudgetSampler, collate, collate_rows, describe, example_lengths, load_splits,
+    model_inputs,
+)
 from .distributed import (
     DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
     peak_memory_mb, release_free_host_memory, resolve_precision, set_phase, shutdown,
@@ -185,7 +188,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     if cfg.data.packing:  # token budget: micro_batch_size rows of max_seq_len, packed over the global batch
         sampler = TokenBudgetSampler(
             len(train_examples), t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank,
-            t.seed, lambda i: len(train_examples[i].input_ids), cfg.data.max_seq_len, splits.fingerprint)
+            t.seed, example_lengths(train_examples), cfg.data.max_seq_len, splits.fingerprint)
         make_batch = lambda mb: collate_rows([[train_examples[i] for i in row] for row in mb], pad_id)  # noqa: E731
     else:
         sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,

@@ -32,7 +32,7 @@ def test_plan_covers_every_example_once_and_fills_rows() -> None:
 
 def test_sampler_is_a_pure_function_of_the_step() -> None:
     lengths = [random.Random(i).randint(10, 200) for i in range(100)]
-    make = lambda r: TokenBudgetSampler(100, 16, 2, 2, r, 3, lengths.__getitem__, 256)  # noqa: E731
+    make = lambda r: TokenBudgetSampler(100, 16, 2, 2, r, 3, lengths, 256)  # noqa: E731
     a, b = make(0), make(1)
     for step in (0, 5, 7, 6, 30):
         seen = [i for s in (a, b) for mb in s.micro_batches(step) for row in mb for i in row]

@@ -15,7 +15,7 @@ examples, so resume and rank sharding stay exact.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from .sampler import StepSampler
 
@@ -71,26 +71,25 @@ def plan_step(lengths: Sequence[int], capacity: int, rows_per_micro: int, world:
 
 
 class TokenBudgetSampler(StepSampler):
-    """StepSampler whose micro-batches are packed rows (lists of example indices per row)."""
+    """StepSampler whose micro-batches are packed rows (lists of example indices per row).
+    ``lengths`` is every example's token count (``example_lengths``: the cache's column)."""
 
     def __init__(self, n: int, global_batch: int, rows_per_micro: int, world: int, rank: int,
-                 seed: int, length: Callable[[int], int], capacity: int, fingerprint: str = ""):
+                 seed: int, lengths: Sequence[int], capacity: int, fingerprint: str = ""):
         super().__init__(n, global_batch, rows_per_micro, world, rank, seed, fingerprint)
-        self.length, self.capacity = length, capacity
-        self._lengths: dict[int, int] = {}
+        self.lengths, self.capacity = lengths, capacity
 
-    def _len(self, i: int) -> int:
-        if i not in self._lengths:
-            self._lengths[i] = self.length(i)
-        return self._lengths[i]
+    def _batch(self, step: int) -> tuple[list[int], list[int]]:
+        batch = self.global_batch_indices(step)
+        return batch, [int(self.lengths[i]) for i in batch]
 
     def micro_batches(self, step: int) -> list[list[list[int]]]:  # type: ignore[override]
-        batch = self.global_batch_indices(step)
-        plan = plan_step([self._len(i) for i in batch], self.capacity, self.micro, self.world, self.rank)
+        batch, lengths = self._batch(step)
+        plan = plan_step(lengths, self.capacity, self.micro, self.world, self.rank)
         return [[[batch[p] for p in row] for row in mb] for mb in plan]
 
     def row_fill(self, step: int) -> Optional[float]:
         """Real tokens / (rows x max_seq_len) of the whole global batch at ``step``."""
-        lengths = [self._len(i) for i in self.global_batch_indices(step)]
+        _, lengths = self._batch(step)
         rows = best_fit_decreasing(lengths, self.capacity)
         return sum(lengths) / (len(rows) * self.capacity)

@@ -20,11 +20,14 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from ..config import DataConfig
 from .sources import data_files
 from .tokenize import Example
+
+if TYPE_CHECKING:
+    import numpy as np
 
 VERSION = 2  # bump when the tokenized layout or the tokenization rules change
 # Settings that do not change the tokens of any example.
@@ -144,9 +147,21 @@ class ExampleSet(Sequence[Example]):
         for row in self._table:
             yield _example(row)
 
-    def lengths(self) -> list[int]:
+    def lengths(self) -> "np.ndarray":
         """Every example's token count, read from its own column (no token is read)."""
-        return self._table["length"]
+        import numpy as np
+
+        return np.asarray(self._table.data.column("length").to_numpy(), dtype=np.int64)
+
+
+def example_lengths(examples: Sequence[Example]) -> "np.ndarray":
+    """Token count of every example: the cached table's ``length`` column without building an
+    Example per row (what the packing sampler and the planner read), else row by row."""
+    import numpy as np
+
+    if isinstance(examples, ExampleSet):
+        return examples.lengths()
+    return np.asarray([len(e.input_ids) for e in examples], dtype=np.int64)
 
 
 def _example(row: dict) -> Example:

@@ -33,18 +33,10 @@ class DataLengths:
 
 
 def example_lengths(examples: Sequence[Any]) -> np.ndarray:
-    """Token count of every example. Reads the cached Arrow table's columns when there is one (a
-    ``length`` column if the data pipeline stores it, else the list lengths of ``input_ids``)
-    without building an Example per row; any other sequence of examples row by row."""
-    table = getattr(examples, "_table", None)  # data.cache.ExampleSet: a datasets.Dataset
-    if table is not None and hasattr(table, "column_names"):
-        if "length" in table.column_names:
-            return np.asarray(table["length"], dtype=np.int64)
-        import pyarrow.compute as pc
+    """Token count of every example (the tokenized cache's ``length`` column; data/cache.py)."""
+    from ..data.cache import example_lengths as lengths
 
-        column = table.data.column("input_ids")
-        return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.asarray([len(e.input_ids) for e in examples], dtype=np.int64)
+    return lengths(examples)
 
 
 def longest_drawn(lengths: np.ndarray, global_batch: int, seed: int, steps: int) -> int:
