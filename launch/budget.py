@@ -23,7 +23,6 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 GiB = 2**30
@@ -52,35 +51,6 @@ def gb(x: float) -> str:
 
 
 # -- what the ranks will have ------------------------------------------------------------
-def _cgroup_available() -> Optional[float]:
-    """Bytes this process's cgroup (v2) may still allocate, or None without a limit."""
-    try:
-        line = next(ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::"))
-        base = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-        limit = (base / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        used = int((base / "memory.current").read_text())
-        stat = dict(ln.split() for ln in (base / "memory.stat").read_text().splitlines())
-        return float(int(limit) - used + int(stat.get("inactive_file", 0)))  # page cache is reclaimable
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def host_available() -> tuple[float, str]:
-    """Memory new processes on this host can take: MemAvailable, or the cgroup's room if less."""
-    avail = None
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            avail = float(line.split()[1]) * 1024
-    cgroup = _cgroup_available()
-    if cgroup is not None and (avail is None or cgroup < avail):
-        return cgroup, "available to this cgroup"
-    if avail is None:
-        raise OSError("/proc/meminfo has no MemAvailable")
-    return avail, "available host memory (MemAvailable)"
-
-
 _PROBE = ("import json, torch\n"
           "print(json.dumps([[*torch.cuda.mem_get_info(i), torch.cuda.get_device_name(i)]"
           " for i in range(torch.cuda.device_count())]))")
@@ -146,6 +116,8 @@ def memory_budget(cfg, nproc: int) -> Optional[Budget]:
         return Budget(plan.gpu_memory_gb * GiB, "cuda", 1, plan.gpu_memory_gb * GiB, "per GPU (plan.gpu_memory_gb)")
     if host_override is not None:
         return Budget(host_override / nproc, "cpu", nproc, host_override, "on this host (plan.host_memory_gb)")
+    from orchestrator.plan import host_available
+
     total, source = host_available()
     return Budget(total / nproc, "cpu", nproc, total, source)
 

@@ -14,7 +14,7 @@ The names below are the package's public interface (train.py, launch/, benchmark
 """
 
 from .comm import CommPlan, JobShape, comm_plan, comm_plan_for_run, compute_seconds, format_comm
-from .auto import AutoChoice, candidates, choose, host_available_bytes, memory_budget
+from .auto import AutoChoice, candidates, choose, host_available, memory_budget
 from .lengths import DataLengths, data_lengths, example_lengths, longest_drawn
 from .memory import (
     CPU_RETENTION, CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, DEEPSPEED_BUCKET_ELEMENTS, NCCL_BYTES,
@@ -34,7 +34,7 @@ __all__ = [
     "DataLengths", "GiB", "LAYER_LINEARS", "MiB", "ModelShape", "NCCL_BYTES", "OVERHEAD", "Phase",
     "Plan", "PlanError", "RETENTION", "Setup", "Suggestion", "TOKENIZER", "TOKENIZER_BYTES_PER_ENTRY",
     "candidates", "choose",
-    "compute_bytes_for", "data_lengths", "example_lengths", "format_plan", "host_available_bytes",
+    "compute_bytes_for", "data_lengths", "example_lengths", "format_plan", "host_available",
     "layer_activation_bytes", "longest_drawn", "lora_params", "lora_targets", "memory_budget",
     "nf4_bytes", "phase_total", "plan_for_run", "plan_memory", "read_shape", "report",
     "residual_bytes", "resolve_auto", "saved_activation_bytes", "setup_from_config", "suggest",

@@ -18,6 +18,8 @@ global batch, and with it the loss normalisation and what each step trains on, n
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
 
 from ..config import is_auto
 from .memory import Plan, plan_memory
@@ -71,17 +73,33 @@ def choose(shape: ModelShape, setup: Setup, limit_bytes: float, per_rank: int, m
     )
 
 
-def host_available_bytes() -> float:
-    """What the kernel says new allocations can take without swapping (MemAvailable)."""
+def _cgroup_available() -> Optional[float]:
+    """Bytes this process's cgroup (v2) may still allocate, or None without a limit."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
+        line = next(ln for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::"))
+        base = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+        limit = (base / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        used = int((base / "memory.current").read_text())
+        stat = dict(ln.split() for ln in (base / "memory.stat").read_text().splitlines())
+        return float(int(limit) - used + int(stat.get("inactive_file", 0)))  # page cache is reclaimable
+    except (OSError, StopIteration, ValueError):
+        return None
 
-    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+def host_available() -> tuple[float, str]:
+    """Memory new processes on this host can take: MemAvailable, or the cgroup's room if less."""
+    avail = None
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            avail = float(line.split()[1]) * 1024
+    cgroup = _cgroup_available()
+    if cgroup is not None and (avail is None or cgroup < avail):
+        return cgroup, "available to this cgroup"
+    if avail is None:
+        raise OSError("/proc/meminfo has no MemAvailable")
+    return avail, "available host memory (MemAvailable)"
 
 
 def memory_budget(cfg, device: str, ranks_per_node: int) -> tuple[float, str]:
@@ -93,5 +111,5 @@ def memory_budget(cfg, device: str, ranks_per_node: int) -> tuple[float, str]:
     ranks = max(1, ranks_per_node)
     if host is not None:  # for the ranks of one node, as the preflight check reads it
         return host * GiB / ranks, f"plan.host_memory_gb={host:g} GiB / {ranks} rank(s) per node"
-    avail = host_available_bytes()
-    return avail / ranks, f"available host memory {avail / GiB:.1f} GiB / {ranks} rank(s) per node"
+    avail, source = host_available()
+    return avail / ranks, f"{source} {avail / GiB:.1f} GiB / {ranks} rank(s) per node"
