@@ -34,8 +34,6 @@ def _setup_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import yaml
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m launch.worker RUN_DIR", file=sys.stderr)
@@ -53,12 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         except rundir.RunDirBusy as exc:
             print(f"rank {rank}: error: {exc}", file=sys.stderr, flush=True)
             return 2
-    from orchestrator.config import from_container
     from orchestrator.checkpoint import CheckpointWriteError
     from orchestrator.data import DataError
     from orchestrator.train import NonFiniteError, run
 
-    cfg = from_container(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = rundir.frozen_config(run_dir)
     try:
         run(cfg, run_dir)
     except DataError as exc:

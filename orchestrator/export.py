@@ -20,16 +20,15 @@ class ExportError(ValueError):
 
 
 def _run_config(run_dir: Path):
-    import yaml
+    from .rundir import NotARunDir, frozen_config
 
-    from .config import from_container
-
-    frozen = run_dir / "config.yaml"
-    if not frozen.exists():
-        raise ExportError(f"{run_dir}: no config.yaml; is it a run directory?")
+    try:
+        cfg = frozen_config(run_dir)
+    except NotARunDir as exc:
+        raise ExportError(str(exc)) from None
     if not (run_dir / "adapter" / "adapter_config.json").exists():
         raise ExportError(f"{run_dir}/adapter: no PEFT adapter; has the run finished?")
-    return from_container(yaml.safe_load(frozen.read_text()))
+    return cfg
 
 
 def merge_run(run_dir: Path, out: Optional[Path] = None, dtype: str = "bf16") -> Path:

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import RunConfig, from_container
+from .config import RunConfig
 
 Message = dict  # {"role": ..., "content": ...}
 
@@ -55,12 +55,12 @@ class Sampling:
 
 
 def run_config(run_dir: Path) -> RunConfig:
-    import yaml
+    from .rundir import NotARunDir, frozen_config
 
-    frozen = run_dir / "config.yaml"
-    if not frozen.exists():
-        raise GenerateError(f"run_dir={run_dir}: no config.yaml; is it a run directory?")
-    return from_container(yaml.safe_load(frozen.read_text()))
+    try:
+        return frozen_config(run_dir)
+    except NotARunDir as exc:
+        raise GenerateError(f"run_dir={exc}") from None
 
 
 class Chat:

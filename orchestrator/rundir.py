@@ -231,6 +231,22 @@ def is_held(run_dir: Path) -> Optional[bool]:
     return False
 
 
+class NotARunDir(ValueError):
+    pass
+
+
+def frozen_config(run_dir: Path):
+    """The RunConfig every rank of the run read (``config.yaml``, written by the launcher)."""
+    import yaml
+
+    from .config import from_container
+
+    frozen = Path(run_dir) / "config.yaml"
+    if not frozen.exists():
+        raise NotARunDir(f"{run_dir}: no config.yaml; is it a run directory?")
+    return from_container(yaml.safe_load(frozen.read_text()))
+
+
 # -- state -------------------------------------------------------------------------------
 
 def write_state(run_dir: Path, state: str, **fields: Any) -> None:
