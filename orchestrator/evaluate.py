@@ -45,6 +45,29 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], dist: DistInfo, bat
 
 
 @torch.no_grad()
+def generate_texts(model: nn.Module, prompts: Sequence[Sequence[int]], tokenizer, device: torch.device,
+                   autocast, **generate_kwargs) -> list[str]:
+    """Continuations of ``prompts`` (token ids), left-padded into one batch as generation needs,
+    each cut at EOS and decoded: exact-match evaluation and ``orchestrate generate`` decode alike."""
+    pad_id = tokenizer.pad_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p))
+        mask[i, width - len(p):] = 1
+    with autocast():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+    texts = []
+    for row in out[:, width:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+@torch.no_grad()
 def exact_match(model: nn.Module, examples: Sequence[Example], tokenizer, dist: DistInfo,
                 batch_size: int, max_new_tokens: int, synced: bool, autocast,
                 samples: Optional[list] = None) -> float:
@@ -53,28 +76,13 @@ def exact_match(model: nn.Module, examples: Sequence[Example], tokenizer, dist: 
     was_training = model.training
     model.eval()
     hits = total = 0.0
-    pad_id = tokenizer.pad_token_id
     for exs, keep, indices in _batches(examples, dist, batch_size):
-        prompts = [e.prompt_ids for e in exs]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding, as generation needs
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        with autocast():
-            out = model.generate(
-                input_ids=ids.to(dist.device), attention_mask=mask.to(dist.device),
-                max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=synced and dist.world_size > 1,
-            )
-        for row, e, k, j in zip(out[:, width:].tolist(), exs, keep, indices):
+        texts = generate_texts(model, [e.prompt_ids for e in exs], tokenizer, dist.device, autocast,
+                               max_new_tokens=max_new_tokens, do_sample=False,
+                               synced_gpus=synced and dist.world_size > 1)
+        for text, e, k, j in zip(texts, exs, keep, indices):
             if not k:
                 continue
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            text = tokenizer.decode(row, skip_special_tokens=True)
             hit = text.strip() == e.target.strip()
             hits += float(hit)
             total += 1.0

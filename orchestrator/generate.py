@@ -113,28 +113,12 @@ class Chat:
     @torch.no_grad()
     def complete_ids(self, batch: Sequence[Sequence[int]], sampling: Sampling) -> list[str]:
         """Completions of several prompts, left-padded into one batch as evaluation does."""
+        from .evaluate import generate_texts
+
         sampling.check()
-        tok = self.tokenizer
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(batch):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
         torch.manual_seed(sampling.seed)
-        with self.autocast():
-            out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                max_new_tokens=sampling.max_new_tokens, use_cache=True,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                **sampling.generate_kwargs(),
-            )
-        texts = []
-        for row in out[:, width:].tolist():
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
-            texts.append(tok.decode(row, skip_special_tokens=True))
-        return texts
+        return generate_texts(self.model, batch, self.tokenizer, self.device, self.autocast,
+                              max_new_tokens=sampling.max_new_tokens, **sampling.generate_kwargs())
 
     def complete(self, row: dict, sampling: Sampling) -> str:
         return self.complete_ids([self.prompt_ids(row)], sampling)[0]
