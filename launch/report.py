@@ -34,15 +34,16 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _num(value: Any, fmt: str) -> str:
+def number(value: Any, fmt: str) -> str:
+    """``value`` formatted, or '-' where it is missing (a run that has not logged it yet)."""
     return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
 def _arrow(before: Any, after: Any, fmt: str) -> str:
-    return f"{_num(before, fmt)} -> {_num(after, fmt)}"
+    return f"{number(before, fmt)} -> {number(after, fmt)}"
 
 
-def _duration(seconds: Any) -> str:
+def duration(seconds: Any) -> str:
     if not isinstance(seconds, (int, float)):
         return "-"
     m, s = divmod(int(round(seconds)), 60)
@@ -61,22 +62,22 @@ def summary_table(run_dir: Path, wall_s: Optional[float] = None) -> str:
     metrics = read_metrics(run_dir)
     peaks, planned = s.get("peak_memory_mb") or [], s.get("planned_peak_memory_mb") or []
     memory = ", ".join(
-        f"rank {r}: {_num(p, '.0f')} MB" + (f" (planned {_num(planned[r], '.0f')})" if r < len(planned) else "")
+        f"rank {r}: {number(p, '.0f')} MB" + (f" (planned {number(planned[r], '.0f')})" if r < len(planned) else "")
         for r, p in enumerate(peaks)) or "-"
     acc_b, acc_a = s.get("eval_accuracy_before"), s.get("eval_accuracy_after")
     mfu = _mfu(metrics)
     rows = [
         ("eval loss", _arrow(s.get("eval_loss_before"), s.get("eval_loss_after"), ".4f")),
-        ("exact match", f"{_num(acc_b * 100 if acc_b is not None else None, '.1f')}% -> "
-                        f"{_num(acc_a * 100 if acc_a is not None else None, '.1f')}%"
+        ("exact match", f"{number(acc_b * 100 if acc_b is not None else None, '.1f')}% -> "
+                        f"{number(acc_a * 100 if acc_a is not None else None, '.1f')}%"
          if acc_a is not None else "-"),
         ("train loss", _arrow(s.get("train_loss_first"), s.get("train_loss_last"), ".4f")),
         ("steps", f"{s.get('steps', '-')} on {s.get('world_size', '-')} {s.get('device', '')} ranks, "
                   f"{s.get('strategy', '-')}, {s.get('precision', '-')}"),
-        ("tokens/s", _num(s.get("tokens_per_s"), ",.0f") + (f" (MFU {mfu:.1%})" if mfu is not None else "")),
+        ("tokens/s", number(s.get("tokens_per_s"), ",.0f") + (f" (MFU {mfu:.1%})" if mfu is not None else "")),
         ("peak memory", memory),
-        ("time", f"training {_duration(s.get('train_time_s'))}"
-                 + (f", wall {_duration(wall_s)}" if wall_s is not None else "")),
+        ("time", f"training {duration(s.get('train_time_s'))}"
+                 + (f", wall {duration(wall_s)}" if wall_s is not None else "")),
         ("adapter", str(run_dir / "adapter")),
         ("summary", str(run_dir / "summary.json")),
         ("curves", str(run_dir / CURVES) if (run_dir / CURVES).exists() else "-"),

@@ -17,10 +17,10 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from launch.prepare import UsageError
-from launch.report import read_metrics
+from launch.report import duration, number, read_metrics
 
 _TIMEOUT_S = 10
 
@@ -130,26 +130,14 @@ def _modified(run_dir: Path) -> float:
     return max(times, default=run_dir.stat().st_mtime if run_dir.exists() else 0.0)
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return format(value, spec) if isinstance(value, (int, float)) else "-"
-
-
-def _eta(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 HEADER = ("run", "state", "step", "loss", "eval", "tok/s", "eta", "checkpoint", "slurm")
 
 
 def _row(st: RunStatus, indent: str = "") -> tuple[str, ...]:
     state = st.state + (f" ({st.detail})" if st.detail and st.state in ("failed", "stopped") else "")
     step = f"{st.step if st.step is not None else 0}/{st.total if st.total else '?'}"
-    return (indent + st.name, state, step, _fmt(st.loss, ".4f"), _fmt(st.eval_loss, ".4f"),
-            _fmt(st.tokens_per_s, ",.0f"), _eta(st.eta_s), st.checkpoint or "-", st.job or "-")
+    return (indent + st.name, state, step, number(st.loss, ".4f"), number(st.eval_loss, ".4f"),
+            number(st.tokens_per_s, ",.0f"), duration(st.eta_s), st.checkpoint or "-", st.job or "-")
 
 
 def table(rows: list[tuple[str, ...]]) -> str:
