@@ -1,15 +1,13 @@
 """Chat templates of the major model families, written out (nothing can be downloaded here), as
 their tokenizer_config.json files ship them; tools and multimodal branches left out."""
 
-CHATML = (  # Qwen2.5: a default system prompt injected when the conversation has none
-    "{%- if messages[0]['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+import sys
+from pathlib import Path
+
+# Qwen2.5 (a default system prompt injected when the conversation has none): the template the
+# benchmarks pair with Qwen's real vocabulary, one copy.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from real_tokenizer import CHATML_TEMPLATE as CHATML  # noqa: E402
 
 LLAMA3 = (  # Meta-Llama-3-8B-Instruct
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
