@@ -34,14 +34,6 @@ def rank_device(cfg) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def ranks_per_node(cfg, world: int) -> int:
-    if cfg.launcher.name == "slurm":
-        from launch.slurm import ranks_per_node as slurm_ranks
-
-        return slurm_ranks(cfg.launcher)
-    return world
-
-
 def prepared_lengths(cfg, splits=None):
     """The data's lengths for the plan: from ``splits`` when the launcher prepared them, else
     prepared here (the tokenized cache makes that cheap the second time). None where the
@@ -71,8 +63,9 @@ def _frozen(cfg) -> Optional[dict]:
     return yaml.safe_load(frozen.read_text()) or {}
 
 
-def resolve(cfg, world: int, splits=None) -> Optional[str]:
-    """Replace ``auto`` in ``cfg`` by concrete values; returns the line to print (None: no auto)."""
+def resolve(cfg, world: int, ranks_per_node: int, data=None) -> Optional[str]:
+    """Replace ``auto`` in ``cfg`` by concrete values, planned at ``data`` (the prepared data's
+    lengths, ``prepared_lengths``); returns the line to print (None: no auto)."""
     if not has_auto(cfg):
         return None
     old = _frozen(cfg)
@@ -87,8 +80,7 @@ def resolve(cfg, world: int, splits=None) -> Optional[str]:
             return f"auto: resuming with {' '.join(taken)} as frozen in {Path(cfg.run.dir) / 'config.yaml'}"
     from orchestrator.plan import resolve_auto
 
-    choice = resolve_auto(cfg, world, device=rank_device(cfg), data=prepared_lengths(cfg, splits),
-                          ranks_per_node=ranks_per_node(cfg, world))
+    choice = resolve_auto(cfg, world, device=rank_device(cfg), data=data, ranks_per_node=ranks_per_node)
     cfg.trainer.micro_batch_size = choice.micro_batch
     cfg.model.gradient_checkpointing = choice.checkpointing
     return choice.describe()

@@ -122,22 +122,32 @@ def preflight(cfg) -> None:
             f"strategy={cfg.strategy.name} needs {missing}, which is not installed "
             f"(pip install -e '.[{missing}]')"
         )
-    _check_budgets(cfg)
-    splits = _prepare_data(cfg)
-    _resolve_auto(cfg, splits)
-    _check_budgets(cfg, splits)  # after auto, at the data's real lengths
+    _report(_check_disk(cfg), cfg)  # before data preparation, which may take long
+    data = _data_lengths(cfg, _prepare_data(cfg))
+    _resolve_auto(cfg, data)
+    _report(_check_memory(cfg, data), cfg)  # after auto, at the data's real lengths
 
 
-def _resolve_auto(cfg, splits) -> None:
+def _data_lengths(cfg, splits):
+    """The prepared data's lengths, once, for both auto and the memory check (plan/lengths.py)."""
+    from launch.auto import prepared_lengths
+    from orchestrator.data import DataError
+
+    try:
+        return prepared_lengths(cfg, splits)
+    except DataError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _resolve_auto(cfg, data) -> None:
     """``auto`` settings become concrete here, at the prepared data's lengths, before
     prepare_run_dir freezes the config (launch/auto.py)."""
     from launch.auto import resolve
-    from orchestrator.data import DataError
     from orchestrator.plan import PlanError
 
     try:
-        line = resolve(cfg, world_size(cfg), splits)
-    except (PlanError, DataError) as exc:
+        line = resolve(cfg, world_size(cfg), ranks_per_node(cfg), data)
+    except PlanError as exc:
         raise UsageError(str(exc)) from exc
     if line:
         print(line, file=sys.stderr if getattr(cfg.launcher, "dry_run", False) else sys.stdout, flush=True)
@@ -164,22 +174,28 @@ def _check_run_dir(cfg) -> None:
         raise UsageError(str(exc)) from exc
 
 
-def _check_budgets(cfg, splits=None) -> None:
-    """Room for checkpoints (``splits`` None: before data preparation, which may take long), or
-    the memory plan at the data's real lengths against what the ranks will have."""
-    from launch.budget import BudgetError, check_memory
+def _check_disk(cfg) -> list[str]:
+    """Room for two checkpoints and the adapter on the run directory's filesystem."""
+    from launch.budget import BudgetError
     from launch.diskspace import check_space
 
-    world = world_size(cfg)
     try:
-        if splits is None:
-            lines = check_space(cfg, world)
-        else:
-            from launch.auto import prepared_lengths
-
-            lines = check_memory(cfg, world, ranks_per_node(cfg), prepared_lengths(cfg, splits))
+        return check_space(cfg, world_size(cfg))
     except BudgetError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def _check_memory(cfg, data) -> list[str]:
+    """The memory plan against what the ranks will have."""
+    from launch.budget import BudgetError, check_memory
+
+    try:
+        return check_memory(cfg, world_size(cfg), ranks_per_node(cfg), data)
+    except BudgetError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _report(lines: list[str], cfg) -> None:
     for line in lines:  # warnings to stderr; a dry run's stdout is the job script alone
         quiet = line.startswith("warning") or getattr(cfg.launcher, "dry_run", False)
         print(line, file=sys.stderr if quiet else sys.stdout, flush=True)
