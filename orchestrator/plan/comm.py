@@ -253,6 +253,7 @@ def format_comm(plan: CommPlan, intra_gb_per_s: float, inter_gbit_per_s: float,
 def comm_plan_for_run(cfg, world: int, ranks_per_node: int) -> CommPlan:
     """The communication plan of a RunConfig on ``world`` ranks, ``ranks_per_node`` per node."""
     from ..config import accumulation_steps
+    from .setup import has_eval
     from .shapes import lora_targets, read_shape
 
     shape = read_shape(cfg.model.path)
@@ -267,7 +268,7 @@ def comm_plan_for_run(cfg, world: int, ranks_per_node: int) -> CommPlan:
                      replicate=getattr(st, "replicate", 1),
                      reshard_after_forward=bool(getattr(st, "reshard_after_forward", True)),
                      zero_stage=getattr(st, "zero_stage", 2),
-                     evaluates_first=bool(cfg.data.eval_path or cfg.data.eval_fraction > 0))
+                     evaluates_first=has_eval(cfg, None))
 
 
 def compute_seconds(cfg, world: int, peak_tflops: float) -> float:
