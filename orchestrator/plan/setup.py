@@ -118,6 +118,8 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
 
 
 def has_eval(cfg, data: Optional["DataLengths"]) -> bool:
+    """Whether the run evaluates (before training, after it): the eval batch's memory and
+    ZeRO-3's gathers depend on it. The prepared data says so when known, else the config."""
     if data is not None:
         return data.eval > 0
     return bool(cfg.data.eval_path) or cfg.data.eval_fraction > 0
