@@ -17,10 +17,25 @@ only the adapter's gradients across. The model below is the strategies' collecti
   shard across the replica groups (the only inter-node traffic).
 - ZeRO-2: an all-reduce of the adapter gradients every micro-batch (DeepSpeed reduces at each
   backward), and an all-gather of the updated adapter after the step.
-- ZeRO-3 (approximate: DeepSpeed's stage-3 prefetch and release rules decide): every partitioned
-  parameter gathered once per step while all of them fit ``stage3_max_live_parameters`` (1e9
-  elements, DeepSpeed's default), else in every forward and backward; a reduce-scatter of the
-  adapter gradients every micro-batch.
+- ZeRO-3: DeepSpeed partitions every parameter, the packed 4-bit base included (bf16 storage, 4
+  weights per element), and gathers each by its size and place in the module trace
+  (deepspeed/runtime/zero/; ``zero3_tensors`` lists the parameters as it sees them):
+  - at most ``stage3_param_persistence_threshold`` elements (1e5): *persistent*, gathered once
+    per step, after the optimizer step (``stage3.py: _post_step``), and never released before
+    the next one (``partitioned_param_coordinator.py: __params_to_release`` skips them);
+  - larger: gathered for each micro-batch's forward and kept for its backward if the module trace
+    reaches the backward use within ``stage3_max_reuse_distance`` elements (1e9), else released
+    after the forward and gathered again (``__params_to_release``): a large model re-gathers all
+    but its last layers. A run that evaluates before training re-gathers them all, whatever the
+    size: ``__params_to_release`` is an ``lru_cache`` keyed by trace position and never cleared,
+    and its answers for the forward's positions were first given while the trace was the
+    evaluation's forward-only one (eval and training share one trace), where nothing is used
+    again;
+  - a reduce-scatter of the adapter gradients every micro-batch.
+  Counted on 2 ranks, 2 micro-batches, the ~50M model: 58,517,056 bytes per step with the
+  evaluation first (the plan is 0.5% over: the first layer's q_proj gets an input that needs no
+  gradient, so the backward never gathers it again), 35,219,008 without (the plan, but for the
+  loop's 64 bytes of scalars); the tiny model's parameters are all persistent (exact too).
 
 Per-rank wire bytes use ring algorithms (``commcount.wire_bytes``). A collective whose group spans
 nodes is counted as inter-node traffic: it runs no faster than the inter-node links, so
@@ -34,8 +49,14 @@ import math
 from dataclasses import dataclass, field
 
 from ..commcount import wire_bytes
+from .shapes import ModelShape, lora_params
 
-ZERO3_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters (elements)
+#: DeepSpeed's default stage3_param_persistence_threshold: a parameter of at most this many
+#: elements stays gathered from one optimizer step to the next.
+ZERO3_PARAM_PERSISTENCE_THRESHOLD = 100_000
+#: DeepSpeed's default stage3_max_reuse_distance: a parameter whose next use lies more elements
+#: of the module trace ahead is released after its forward.
+ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
 GB = 1e9
 
 
@@ -59,7 +80,12 @@ class Sizes:
     unquantized: float  # embeddings, norms, head (fp32 after k-bit preparation)
     adapter_gather: float = 0.0  # adapter as all-gathered (compute dtype under mixed precision)
     unquantized_gather: float = 0.0
-    elements: float = 0.0  # parameters ZeRO-3 partitions, in elements (for its live limit)
+    zero3_persistent: float = 0.0  # of all three, what ZeRO-3 keeps gathered between steps
+    zero3_far: float = 0.0  # ... and what it releases after the forward (stage3_max_reuse_distance)
+
+    @property
+    def full(self) -> float:
+        return self.adapter + self.base_packed + self.unquantized
 
 
 @dataclass
@@ -97,8 +123,10 @@ def _add(plan: CommPlan, what: str, kind: str, full: float, count: float, group:
 
 
 def comm_plan(strategy: str, shape: JobShape, sizes: Sizes, *, shard_base: bool = False,
-              replicate: int = 1, reshard_after_forward: bool = True, zero_stage: int = 2) -> CommPlan:
-    """The collectives one optimizer step runs under ``strategy`` on ``shape``."""
+              replicate: int = 1, reshard_after_forward: bool = True, zero_stage: int = 2,
+              evaluates_first: bool = True) -> CommPlan:
+    """The collectives one optimizer step runs under ``strategy`` on ``shape``
+    (``evaluates_first``: the run evaluates before its first step, which ZeRO-3's gathers feel)."""
     plan = CommPlan(strategy, shape)
     n, A, multi = shape.world, shape.accumulation, shape.nodes > 1
     if strategy == "ddp":
@@ -125,9 +153,14 @@ def comm_plan(strategy: str, shape: JobShape, sizes: Sizes, *, shard_base: bool 
              A, "world", n, multi)
         _add(plan, "updated adapter (all-gather)", "all_gather", sizes.adapter, 1, "world", n, multi)
     elif strategy == "deepspeed":
-        full = sizes.base_packed + sizes.unquantized + sizes.adapter
-        passes = 1 if sizes.elements <= ZERO3_MAX_LIVE_PARAMETERS else 2 * A
-        _add(plan, "parameters incl. 4-bit base (all-gather)", "all_gather", full, passes, "world", n, multi)
+        others = sizes.full - sizes.zero3_persistent
+        regathered = others if evaluates_first else sizes.zero3_far
+        _add(plan, "persistent parameters (all-gather, after the step)", "all_gather",
+             sizes.zero3_persistent, 1, "world", n, multi)
+        _add(plan, "parameters kept for the backward (all-gather, fwd)", "all_gather",
+             others - regathered, A, "world", n, multi)
+        _add(plan, "parameters incl. 4-bit base (all-gather, fwd+bwd)", "all_gather",
+             regathered, 2 * A, "world", n, multi)
         _add(plan, "adapter gradients (reduce-scatter, every micro-batch)", "reduce_scatter",
              sizes.adapter, A, "world", n, multi)
     else:
@@ -135,17 +168,67 @@ def comm_plan(strategy: str, shape: JobShape, sizes: Sizes, *, shard_base: bool 
     return plan
 
 
-def sizes_for(quantized_params: int, unquantized_params: int, adapter_params: int,
-              quantized: bool = True, compute_bytes: int = 2, mixed_precision: bool = False) -> Sizes:
-    """Byte sizes from parameter counts (quant=none: the base is stored in the compute dtype)."""
+def zero3_tensors(shape: ModelShape, targets: list[str], r: int, quantized: bool = True,
+                  compute_bytes: int = 2) -> list[tuple[int, float]]:
+    """(elements, bytes) of each parameter as ZeRO-3 partitions it, in the forward's order: a
+    4-bit Linear's packed bytes held as bf16 elements (4 weights each; quant=none: the weights in
+    the compute dtype), LoRA A and B, norms, biases and embeddings in fp32. DeepSpeed's
+    persistence and reuse rules count elements; the wire carries bytes."""
+    def fp32(n: int) -> tuple[int, float]:
+        return n, n * 4.0
+
+    biases = {"q_proj": shape.q_dim, "k_proj": shape.kv_dim, "v_proj": shape.kv_dim}
+    biases = biases if shape.qkv_bias else {}
+    embeddings = fp32(shape.vocab * shape.hidden)
+    out = [embeddings]
+    for _ in range(shape.layers):
+        for name, (fan_in, fan_out) in shape.linears().items():
+            if name in ("q_proj", "gate_proj"):
+                out.append(fp32(shape.hidden))  # the norm before attention / before the MLP
+            n = fan_in * fan_out
+            out.append(((n + 3) // 4, n / 2) if quantized else (n, float(n * compute_bytes)))
+            if name in biases:
+                out.append(fp32(biases[name]))
+            if name in targets:
+                out += [fp32(r * fan_in), fp32(fan_out * r)]
+    out.append(fp32(shape.hidden))  # final norm
+    if not shape.tie_embeddings:
+        out.append(embeddings)
+    return out
+
+
+def zero3_split(tensors: list[tuple[int, float]],
+                threshold: int = ZERO3_PARAM_PERSISTENCE_THRESHOLD,
+                reuse_distance: int = ZERO3_MAX_REUSE_DISTANCE) -> tuple[float, float]:
+    """(persistent bytes, bytes released after the forward) of ``tensors`` in forward order.
+    Persistent: ``ds_numel <= threshold``. Released: the trace between a parameter's forward and
+    its backward use holds the rest of the forward and the start of the backward, twice the
+    elements used after it, and DeepSpeed stops looking for a reuse after ``reuse_distance``."""
+    persistent = far = 0.0
+    after = sum(n for n, _ in tensors)
+    for n, b in tensors:
+        after -= n
+        if n <= threshold:
+            persistent += b
+        elif 2 * after >= reuse_distance:
+            far += b
+    return persistent, far
+
+
+def sizes_for(shape: ModelShape, targets: list[str], r: int, quantized: bool = True,
+              compute_bytes: int = 2, mixed_precision: bool = False) -> Sizes:
+    """Byte sizes of the model with LoRA rank ``r`` on ``targets`` (quant=none: the base is stored
+    in the compute dtype)."""
+    quantized_params, unquantized_params = shape.quantized_params(), shape.other_params()
+    adapter_params = lora_params(shape, targets, r)
     packed = quantized_params / 2 if quantized else quantized_params * compute_bytes
     gather_bytes = compute_bytes if mixed_precision else 4
-    packed_elements = packed / 2  # ZeRO-3 partitions the packed bytes stored as bf16 elements
+    persistent, far = zero3_split(zero3_tensors(shape, targets, r, quantized, compute_bytes))
     return Sizes(
         adapter=adapter_params * 4.0, base_packed=float(packed), unquantized=unquantized_params * 4.0,
         adapter_gather=adapter_params * float(gather_bytes),
         unquantized_gather=unquantized_params * float(gather_bytes),
-        elements=packed_elements + unquantized_params + adapter_params,
+        zero3_persistent=persistent, zero3_far=far,
     )
 
 
@@ -170,13 +253,13 @@ def format_comm(plan: CommPlan, intra_gb_per_s: float, inter_gbit_per_s: float,
 def comm_plan_for_run(cfg, world: int, ranks_per_node: int) -> CommPlan:
     """The communication plan of a RunConfig on ``world`` ranks, ``ranks_per_node`` per node."""
     from ..config import accumulation_steps
-    from .shapes import lora_params, lora_targets, read_shape
+    from .setup import has_eval
+    from .shapes import lora_targets, read_shape
 
     shape = read_shape(cfg.model.path)
     st = cfg.strategy
     compute = 4 if cfg.trainer.precision == "fp32" else 2
-    sizes = sizes_for(shape.quantized_params(), shape.other_params(),
-                      lora_params(shape, lora_targets(shape, cfg.lora.target_modules), cfg.lora.r),
+    sizes = sizes_for(shape, lora_targets(shape, cfg.lora.target_modules), cfg.lora.r,
                       quantized=cfg.quant.method != "none", compute_bytes=compute,
                       mixed_precision=bool(getattr(st, "mixed_precision", False)))
     job = JobShape(world=world, ranks_per_node=ranks_per_node,
@@ -184,7 +267,8 @@ def comm_plan_for_run(cfg, world: int, ranks_per_node: int) -> CommPlan:
     return comm_plan(st.name, job, sizes, shard_base=bool(getattr(st, "shard_base", False)),
                      replicate=getattr(st, "replicate", 1),
                      reshard_after_forward=bool(getattr(st, "reshard_after_forward", True)),
-                     zero_stage=getattr(st, "zero_stage", 2))
+                     zero_stage=getattr(st, "zero_stage", 2),
+                     evaluates_first=has_eval(cfg, None))
 
 
 def compute_seconds(cfg, world: int, peak_tflops: float) -> float:

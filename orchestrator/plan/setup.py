@@ -103,7 +103,7 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
         quant=cfg.quant.method, double_quant=cfg.quant.double_quant, lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout, targets=tuple(lora_targets(shape, cfg.lora.target_modules)),
         micro_batch=cfg.trainer.micro_batch_size, seq_len=cfg.data.max_seq_len,
-        eval_batch=cfg.trainer.eval_batch_size if _has_eval(cfg, data) else 0,
+        eval_batch=cfg.trainer.eval_batch_size if has_eval(cfg, data) else 0,
         checkpointing=cfg.model.gradient_checkpointing,
         shard_base=getattr(st, "shard_base", False), zero_stage=getattr(st, "zero_stage", 2),
         cpu_offload=getattr(st, "cpu_offload", False),
@@ -117,7 +117,9 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
     )
 
 
-def _has_eval(cfg, data: Optional["DataLengths"]) -> bool:
+def has_eval(cfg, data: Optional["DataLengths"]) -> bool:
+    """Whether the run evaluates (before training, after it): the eval batch's memory and
+    ZeRO-3's gathers depend on it. The prepared data says so when known, else the config."""
     if data is not None:
         return data.eval > 0
     return bool(cfg.data.eval_path) or cfg.data.eval_fraction > 0
