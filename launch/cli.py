@@ -93,6 +93,19 @@ def cmd_train(args: list[str]) -> int:
         print(OmegaConf.to_yaml(composed, resolve=True), end="")
         return 0
     cfg = build_config(args)
+    agent = None
+    if cfg.launcher.name == "local":
+        from launch.local import PendingAgent
+
+        agent = PendingAgent()  # torchrun imports torch while the checks below run
+    try:
+        return _train(cfg, args, agent)
+    finally:
+        if agent is not None:
+            agent.cancel()
+
+
+def _train(cfg, args: list[str], agent) -> int:
     preflight(cfg)
     run_dir = prepare_run_dir(cfg, args)
     if layout(cfg):
@@ -110,7 +123,7 @@ def cmd_train(args: list[str]) -> int:
 
     print(f"run directory: {run_dir}", flush=True)
     started = time.monotonic()
-    rc = launch(cfg, run_dir)
+    rc = launch(cfg, run_dir, agent=agent)
     state = rundir.read_state(run_dir)
     if rc == 0 and (run_dir / "summary.json").exists():
         from launch.report import CURVES, summary_table, write_curves

@@ -10,8 +10,10 @@ to torchrun, so the lock lives as long as any process of the run does.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +36,34 @@ def torchrun_command(cfg, run_dir: Path) -> list[str]:
         "--standalone", f"--nproc_per_node={nproc}", f"--max_restarts={cfg.launcher.max_restarts}",
         "-m", "launch.worker", str(run_dir),
     ]
+
+
+class PendingAgent:
+    """torchrun's agent, started before the launcher's checks so that its imports (torch, ~3 s
+    on a CPU) overlap them instead of following them. It waits for its command line, the
+    ranks' environment and the run lock's descriptor (``launch.torchrun --await-command``), and
+    exits quietly when the launcher closes the socket without sending them (a refused launch)."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.sock = ours
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "launch.torchrun", "--await-command", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), start_new_session=True)
+        theirs.close()
+
+    def start(self, cmd: list[str], env: dict[str, str], fds: tuple[int, ...]) -> subprocess.Popen:
+        """Send torchrun's arguments (``cmd`` after ``python -m launch.torchrun``)."""
+        payload = json.dumps({"argv": cmd[3:], "env": env}).encode()
+        socket.send_fds(self.sock, [payload[:1]], list(fds))
+        self.sock.sendall(payload[1:])
+        self.sock.close()
+        return self.proc
+
+    def cancel(self) -> None:
+        """Nothing to run: the agent sees the socket close and exits (once its imports are done;
+        not waited for, so a refusal is as quick as before)."""
+        self.sock.close()
 
 
 def worker_env(nproc: int) -> dict[str, str]:
@@ -95,10 +125,12 @@ class _Interrupts:
             signal.signal(sig, handler)
 
 
-def launch(cfg, run_dir: Path, log_path: Optional[Path] = None) -> int:
+def launch(cfg, run_dir: Path, log_path: Optional[Path] = None,
+           agent: Optional[PendingAgent] = None) -> int:
     """Run torchrun in the foreground; returns its exit code, or 128 + the signal number when a
     signal to the launcher stopped the run. With ``log_path`` (sweep trials) the ranks' output
-    goes to that file instead of the console."""
+    goes to that file instead of the console; ``agent``: torchrun already started (its output
+    is the launcher's)."""
     from orchestrator import rundir
 
     cmd = torchrun_command(cfg, run_dir)
@@ -111,9 +143,13 @@ def launch(cfg, run_dir: Path, log_path: Optional[Path] = None) -> int:
     log = open(log_path, "ab") if log_path is not None else None
     interrupts = _Interrupts(run_dir)
     try:
-        interrupts.proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
-            start_new_session=True, pass_fds=(lock.fd,) if lock else ())
+        fds = (lock.fd,) if lock else ()
+        if agent is not None and log is None:
+            interrupts.proc = agent.start(cmd, env, fds)
+        else:
+            interrupts.proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+                start_new_session=True, pass_fds=fds)
         rc = interrupts.proc.wait()
     finally:
         interrupts.restore()

@@ -10,12 +10,18 @@ stack trace, both when a rank failed and when it was told to stop.
   job) ended the job's log with a traceback although the ranks stopped cleanly at a checkpoint.
   This prints one line and exits 128 + the signal number, as a shell would.
 
-Usage is torchrun's own: ``python -m launch.torchrun [torchrun options] -m launch.worker RUN_DIR``.
+Usage is torchrun's own: ``python -m launch.torchrun [torchrun options] -m launch.worker RUN_DIR``,
+or ``python -m launch.torchrun --await-command FD``: import torch first, then read the options,
+the ranks' environment and the run lock's descriptor from the socket FD
+(``launch.local.PendingAgent``); nothing sent (the launcher refused the run): exit 0.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import sys
 from typing import Optional, Sequence
 
@@ -28,14 +34,37 @@ class _DropFailedLine(logging.Filter):
         return not str(record.msg).startswith("failed (exitcode")
 
 
+def _await_command(fd: int) -> Optional[list[str]]:
+    """torchrun's arguments from the launcher, with the ranks' environment applied to this
+    process (torchrun hands its own to the ranks) and the run lock's descriptor kept open."""
+    import torch.distributed.run  # noqa: F401  the slow import, while the launcher checks
+
+    with socket.socket(fileno=fd) as sock:
+        first, fds, _, _ = socket.recv_fds(sock, 1, 8)  # the lock's descriptor, kept open
+        if not first:
+            return None
+        chunks = [first]
+        while chunk := sock.recv(1 << 16):
+            chunks.append(chunk)
+    command = json.loads(b"".join(chunks))
+    os.environ.clear()
+    os.environ.update(command["env"])
+    return command["argv"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--await-command"]:
+        argv = _await_command(int(argv[1]))
+        if argv is None:
+            return 0
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropFailedLine())
     try:
-        torchrun_main(list(sys.argv[1:] if argv is None else argv))
+        torchrun_main(argv)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         if failure.exitcode < 0:

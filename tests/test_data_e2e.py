@@ -1,5 +1,5 @@
-"""Your own files, through the real CLI: each format trains the tiny model, the tokenized cache is
-written once and hit afterwards, and a packed run resumed from a checkpoint trains on exactly the
+"""Your own files: each format trains the tiny model, the tokenized cache is written once and hit
+afterwards, and a packed run resumed from a checkpoint trains on exactly the
 examples (hence the losses) of the uninterrupted run."""
 
 from __future__ import annotations
@@ -54,19 +54,24 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, str]]:
 
 @pytest.mark.parametrize("fmt", ["alpaca", "chat", "text"])
 def test_each_format_trains_and_caches(files, tmp_path, capsys, fmt) -> None:
+    """The launcher's preparation, then one rank training in this process (the CLI and torchrun
+    around it are the same for every format, and covered by the other end-to-end tests)."""
+    from launch.prepare import build_config, preflight, prepare_run_dir
+    from orchestrator.train import run
+
     path, name = files[fmt]
     args = ["data=jsonl", f"data.path={path}", f"data.format={name}", "data.eval_fraction=0.1",
             f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=10", *COMMON]
-    proc = orchestrate("train", f"run.dir={tmp_path / 'run'}", *args, "data.packing=true")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "data train: 360 examples (tokenized cache written" in proc.stdout
+    overrides = [f"run.dir={tmp_path / 'run'}", *args, "data.packing=true"]
+    cfg = build_config(overrides)
+    preflight(cfg)
+    assert "data train: 360 examples (tokenized cache written" in capsys.readouterr().out
+    run(cfg, prepare_run_dir(cfg, overrides))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data"]["train"]["examples"] == 360 and summary["data"]["eval"]["examples"] == 40
     assert summary["train_loss_last"] < summary["train_loss_first"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     # Preparing the same data and tokenizer again (packing off) reads the cache.
-    from launch.prepare import build_config, preflight
-
     capsys.readouterr()
     preflight(build_config([*args, f"run.dir={tmp_path / 'run2'}"]))
     assert "data train: 360 examples (tokenized cache hit" in capsys.readouterr().out
