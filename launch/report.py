@@ -89,14 +89,14 @@ def summary_table(run_dir: Path, wall_s: Optional[float] = None) -> str:
 
 
 def curves_figure(run_dirs: Sequence[Path], labels: Optional[Sequence[str]] = None):
-    """One panel per metric, one line per run; runs without a metric simply leave it out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One panel per metric, one line per run; runs without a metric simply leave it out. A bare
+    Figure, not pyplot: no GUI backend or global figure registry, and half a second less to import
+    at the end of every run."""
+    from matplotlib.figure import Figure
 
     labels = list(labels) if labels else [p.name for p in run_dirs]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig = Figure(figsize=(11, 7))
+    axes = fig.subplots(2, 2)
     for ax, (key, title) in zip(axes.flat, _PANELS):
         drawn = False
         for run_dir, label in zip(run_dirs, labels):
@@ -119,12 +119,9 @@ def curves_figure(run_dirs: Sequence[Path], labels: Optional[Sequence[str]] = No
 
 
 def write_curves(run_dirs: Sequence[Path], out: Path, labels: Optional[Sequence[str]] = None) -> Path:
-    import matplotlib.pyplot as plt
-
     fig = curves_figure(run_dirs, labels)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 

@@ -64,14 +64,12 @@ def write_csv(path: Path, sweep: dict[str, Any], rows: list[dict[str, Any]]) -> 
 
 def write_plot(path: Path, sweep: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """One panel per swept parameter: the metric of each completed trial, the best circled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend or global figure registry
 
     metric, keys = sweep["metric"], sweep["params"] or ["trial"]
     done = [r for r in rows if r[metric] is not None]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(keys), 3.6))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
         xs = [r[key] for r in done]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
@@ -92,7 +90,6 @@ def write_plot(path: Path, sweep: dict[str, Any], rows: list[dict[str, Any]]) ->
     fig.suptitle(f"{sweep['name']}: {sweep['metric']} of {len(done)} completed trials (of {len(rows)})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def report(sweep_dir: Path) -> str:
