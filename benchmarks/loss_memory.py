@@ -1,9 +1,11 @@
 """Memory and time of the loss at a real vocabulary: plain (full logits) against chunked.
 
     python benchmarks/loss_memory.py [--tokens 512] [--vocab 151936] [--hidden 576] [--labelled 0.6]
+                                     [--precision bf16|fp32]
 
-One output head step (forward and backward of head + cross-entropy, bf16 autocast as in
-training, the head frozen as under LoRA) in a fresh process per variant; reported: the peak
+One output head step (forward and backward of head + cross-entropy, under bf16 autocast as in
+training, or in fp32 where bf16 would only be emulated: the default follows the hardware, as
+in peer.py; the head frozen as under LoRA) in a fresh process per variant; reported: the peak
 memory above the inputs (process peak RSS on CPU, allocator peak on CUDA), the time, and that
 loss and input gradient agree.
 """
@@ -11,6 +13,7 @@ loss and input gradient agree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -54,7 +57,9 @@ def worker(kind: str, args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats()
         base = peak_memory_mb(dev) if dev.type == "cuda" else None
         t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
             loss = fn(model, {"h": hidden}, labels)
         loss.backward()
         if dev.type == "cuda":
@@ -70,8 +75,17 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--hidden", type=int, default=576)
     ap.add_argument("--labelled", type=float, default=0.6, help="share of positions with a label")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                    help="default: bf16 where the hardware has it, else fp32")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.precision is None:
+        import torch
+
+        from orchestrator.distributed import resolve_precision
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        args.precision = "bf16" if resolve_precision("auto", device) == torch.bfloat16 else "fp32"
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
@@ -79,14 +93,16 @@ def main() -> None:
     for kind in ("baseline", "plain", "chunked"):
         # baseline: the same process and inputs with 2 positions; what the loss adds is above it
         worker_kind, extra = ("plain", ["--tokens", "2"]) if kind == "baseline" else (kind, [])
-        cmd = [sys.executable, __file__, "--worker", worker_kind, *sys.argv[1:], *extra]
+        cmd = [sys.executable, __file__, "--worker", worker_kind, *sys.argv[1:], *extra,
+               "--precision", args.precision]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             sys.exit(proc.stderr[-2000:])
         out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
     base = out["baseline"]["peak_mb"]
     p, c = out["plain"], out["chunked"]
-    print(f"{args.tokens} positions ({args.labelled:.0%} labelled), vocabulary {args.vocab}, hidden {args.hidden}")
+    print(f"{args.tokens} positions ({args.labelled:.0%} labelled), vocabulary {args.vocab}, "
+          f"hidden {args.hidden}, {args.precision}")
     print("| loss | peak MB above inputs | time s | loss value | input-grad norm |")
     print("| --- | --- | --- | --- | --- |")
     for k in ("plain", "chunked"):
