@@ -5,7 +5,9 @@ terminal's Ctrl-C reaches only the launcher, which turns it (and SIGTERM, SIGHUP
 ranks' agreed stop by writing ``RUN_DIR/STOP`` with the signal's name; torchrun never sees the
 signal, so it cannot kill the ranks mid-checkpoint after its shutdown timeout. A second signal
 kills torchrun and the ranks at once. The launcher holds the run directory's lock and passes it
-to torchrun, so the lock lives as long as any process of the run does.
+to torchrun, so the lock lives as long as any process of the run does. torchrun is started
+before the launcher's checks and told what to run after them (``PendingAgent``), so its import
+of torch does not add to the time before the ranks start.
 """
 
 from __future__ import annotations
