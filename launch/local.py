@@ -43,23 +43,32 @@ def torchrun_command(cfg, run_dir: Path) -> list[str]:
 class PendingAgent:
     """torchrun's agent, started before the launcher's checks so that its imports (torch, ~3 s
     on a CPU) overlap them instead of following them. It waits for its command line, the
-    ranks' environment and the run lock's descriptor (``launch.torchrun --await-command``), and
-    exits quietly when the launcher closes the socket without sending them (a refused launch)."""
+    ranks' environment, its stdout and stderr and the run lock's descriptor (``launch.torchrun
+    --await-command``), and exits quietly when the launcher closes the socket without sending
+    them (a refused launch): until then it holds no descriptor of the launcher's output, so a
+    refusal's pipe closes with the launcher."""
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
         self.sock = ours
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "launch.torchrun", "--await-command", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), start_new_session=True)
+            pass_fds=(theirs.fileno(),), start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         theirs.close()
 
-    def start(self, cmd: list[str], env: dict[str, str], fds: tuple[int, ...]) -> subprocess.Popen:
-        """Send torchrun's arguments (``cmd`` after ``python -m launch.torchrun``)."""
+    def start(self, cmd: list[str], env: dict[str, str], stdout: int, stderr: int,
+              fds: tuple[int, ...]) -> Optional[subprocess.Popen]:
+        """Send torchrun's arguments (``cmd`` after ``python -m launch.torchrun``); None when the
+        agent is gone (it failed before reading them: start torchrun afresh, which shows why)."""
         payload = json.dumps({"argv": cmd[3:], "env": env}).encode()
-        socket.send_fds(self.sock, [payload[:1]], list(fds))
-        self.sock.sendall(payload[1:])
-        self.sock.close()
+        try:
+            socket.send_fds(self.sock, [payload[:1]], [stdout, stderr, *fds])
+            self.sock.sendall(payload[1:])
+        except OSError:
+            return None
+        finally:
+            self.sock.close()
         return self.proc
 
     def cancel(self) -> None:
@@ -131,8 +140,7 @@ def launch(cfg, run_dir: Path, log_path: Optional[Path] = None,
            agent: Optional[PendingAgent] = None) -> int:
     """Run torchrun in the foreground; returns its exit code, or 128 + the signal number when a
     signal to the launcher stopped the run. With ``log_path`` (sweep trials) the ranks' output
-    goes to that file instead of the console; ``agent``: torchrun already started (its output
-    is the launcher's)."""
+    goes to that file instead of the console; ``agent``: torchrun already started."""
     from orchestrator import rundir
 
     cmd = torchrun_command(cfg, run_dir)
@@ -146,9 +154,10 @@ def launch(cfg, run_dir: Path, log_path: Optional[Path] = None,
     interrupts = _Interrupts(run_dir)
     try:
         fds = (lock.fd,) if lock else ()
-        if agent is not None and log is None:
-            interrupts.proc = agent.start(cmd, env, fds)
-        else:
+        out = log.fileno() if log is not None else sys.stdout.fileno()
+        if agent is not None:
+            interrupts.proc = agent.start(cmd, env, out, out if log else sys.stderr.fileno(), fds)
+        if interrupts.proc is None:
             interrupts.proc = subprocess.Popen(
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
                 start_new_session=True, pass_fds=fds)

@@ -36,13 +36,17 @@ class _DropFailedLine(logging.Filter):
 
 def _await_command(fd: int) -> Optional[list[str]]:
     """torchrun's arguments from the launcher, with the ranks' environment applied to this
-    process (torchrun hands its own to the ranks) and the run lock's descriptor kept open."""
+    process (torchrun hands its own to the ranks), the launcher's stdout and stderr (or a
+    sweep trial's log) made this process's, and the run lock's descriptor kept open."""
     import torch.distributed.run  # noqa: F401  the slow import, while the launcher checks
 
     with socket.socket(fileno=fd) as sock:
-        first, fds, _, _ = socket.recv_fds(sock, 1, 8)  # the lock's descriptor, kept open
+        first, fds, _, _ = socket.recv_fds(sock, 1, 16)
         if not first:
             return None
+        for target, received in zip((1, 2), fds[:2]):
+            os.dup2(received, target)
+            os.close(received)
         chunks = [first]
         while chunk := sock.recv(1 << 16):
             chunks.append(chunk)
