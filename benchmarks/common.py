@@ -17,6 +17,18 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def native_precision() -> str:
+    """bf16 where the hardware computes it natively (CUDA, CPUs with AVX512-BF16), else fp32: an
+    emulated bf16 would measure the emulation, not the code."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from orchestrator.distributed import resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return "bf16" if resolve_precision("auto", device) == torch.bfloat16 else "fp32"
+
+
 def train(run_dir: Path, overrides: list[str], reuse: bool = False) -> dict:
     """Train into ``run_dir``; returns ``{"summary": ..., "metrics": [...]}`` or ``{"error": line}``.
 

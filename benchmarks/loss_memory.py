@@ -80,12 +80,9 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.precision is None:
-        import torch
+        from common import native_precision
 
-        from orchestrator.distributed import resolve_precision
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        args.precision = "bf16" if resolve_precision("auto", device) == torch.bfloat16 else "fp32"
+        args.precision = native_precision()
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return

@@ -279,12 +279,9 @@ def main() -> None:
     ap.add_argument("extra", nargs="*", help="extra overrides for orchestrate (after --)")
     args = ap.parse_args()
     if args.precision is None:
-        import torch
+        from common import native_precision
 
-        from orchestrator.distributed import resolve_precision
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        args.precision = "bf16" if resolve_precision("auto", device) == torch.bfloat16 else "fp32"
+        args.precision = native_precision()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.trl_worker:

@@ -12,7 +12,7 @@ stack trace, both when a rank failed and when it was told to stop.
 
 Usage is torchrun's own: ``python -m launch.torchrun [torchrun options] -m launch.worker RUN_DIR``,
 or ``python -m launch.torchrun --await-command FD``: import torch first, then read the options,
-the ranks' environment and the run lock's descriptor from the socket FD
+the ranks' environment, stdout/stderr and the run lock's descriptor from the socket FD
 (``launch.local.PendingAgent``); nothing sent (the launcher refused the run): exit 0.
 """
 
