@@ -301,3 +301,27 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_its_own_job(tmp_path, mon
             lock.release()
             holder.kill()
             holder.wait()
+
+
+def test_deepspeed_starts_after_a_build_killed_holding_torchs_lock() -> None:
+    """torch guards its extension builds with a bare lock file; a rank killed while loading
+    DeepSpeed's CPU collective op leaves it, and every later DeepSpeed run used to wait on it
+    forever (CI hung 600 s on one). The next run now removes it and loads the op."""
+    code = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from deepspeed.accelerator import get_accelerator\n"
+        "from torch.utils.cpp_extension import _get_build_directory\n"
+        "from orchestrator.strategies.deepspeed import load_jit_ops\n"
+        "logging.basicConfig()\n"
+        "name = get_accelerator().create_op_builder('ShareMemCommBuilder').name\n"
+        "lock = Path(_get_build_directory(name, verbose=False)) / 'lock'\n"
+        "lock.touch()\n"
+        "load_jit_ops()\n"
+        "from deepspeed.comm.torch import build_shm_op\n"
+        "assert build_shm_op() is not None and not lock.exists()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "left by a build of deepspeed_shm_comm that was killed" in proc.stderr

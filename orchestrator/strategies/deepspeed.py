@@ -11,6 +11,8 @@ global token mean as with DDP and FSDP.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 from pathlib import Path
 from typing import ContextManager
 
@@ -20,6 +22,40 @@ from torch import nn
 from ..config import OptimConfig
 from ..optim import build_optimizer, build_scheduler
 from .base import BatchPlan, Strategy
+
+log = logging.getLogger("orchestrator")
+
+
+def load_jit_ops() -> None:
+    """Load the op DeepSpeed compiles on first use (the CPU shared-memory collective) before
+    ``init_distributed`` asks for it, under a lock that dies with its holder.
+
+    torch guards each extension build with a bare ``lock`` file in its build directory. A rank
+    killed while holding it (Ctrl-C, a crashed sibling, a preempted job, during the ~1 s that
+    even an up-to-date load takes) leaves the file behind, and every later run on that machine
+    waits for it forever, silently. Holding an flock, which the kernel releases when a process
+    dies, while we load means a torch lock seen under it belongs to a build that no longer runs,
+    so it is removed. DeepSpeed caches the loaded op per process; ``init_distributed`` then finds
+    it without touching the build directory again. On CUDA the op does not exist and nothing
+    happens.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    build_dir = Path(_get_build_directory(builder.name, verbose=False))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f".{builder.name}.orchestrator-lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build of %s that was killed; the op is rebuilt "
+                        "or reloaded now", stale, builder.name)
+            stale.unlink()
+        builder.load(verbose=False)
 
 
 class DeepSpeedStrategy(Strategy):
@@ -66,6 +102,7 @@ class DeepSpeedStrategy(Strategy):
         """deepspeed.initialize takes the model, optimizer and schedule at once."""
         import deepspeed
 
+        load_jit_ops()
         deepspeed.init_distributed(dist_backend=self.dist.backend)
         self.model = model
         self.plan = plan
