@@ -6,11 +6,10 @@ Both sides train the same model (4-bit NF4 with double quantization, the same co
 ``--precision``, bf16 where the hardware has it and fp32 where bf16 would only be emulated), the same
 chat data file (``messages`` rows), LoRA r=16 / alpha 32 / dropout 0.05 on every linear layer,
 AdamW at the same learning rate and schedule, clipping 1.0, packing, activation checkpointing,
-on the same number of gloo ranks under torchrun, with the same global batch in tokens:
-TRL's global batch is ``--rows`` packed rows of ``--max-seq-len`` tokens; orchestrate's is the
-number of examples whose mean length fills the same token budget (its global batch is counted
-in examples), packed into rows of ``--max-seq-len`` tokens, ``--micro`` rows per micro-batch
-like TRL's ``per_device_train_batch_size``.
+on the same number of gloo ranks under torchrun, with the same global batch in tokens: on
+both sides ``--rows`` rows of ``--max-seq-len`` tokens, the whole set packed once best-fit-
+decreasing (TRL's ``bfd``; orchestrate's ``data.packing_scope=dataset``) and shuffled by row,
+``--micro`` rows per micro-batch (TRL's ``per_device_train_batch_size``).
 
 TRL's defaults kept (SFTConfig, TRL 1.16): ``gradient_checkpointing=True`` (non-reentrant, as
 ours), ``packing_strategy="bfd"`` (best-fit decreasing, which turns on padding-free batches),
@@ -204,30 +203,14 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict:
 
 
 # -- orchestrate side ---------------------------------------------------------------------------
-def mean_tokens(args: argparse.Namespace) -> float:
-    """Mean tokenized length of the data (ours' prepared examples), for the global batch."""
-    from transformers import AutoTokenizer
-
-    from orchestrator.config import DataConfig
-    from orchestrator.data import load_examples
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    examples = load_examples(str(args.data), tok, DataConfig(path=str(args.data), format="chat",
-                                                              max_seq_len=args.max_seq_len))
-    return statistics.mean(len(e.input_ids) for e in examples)
-
-
 def run_ours(args: argparse.Namespace, out: Path, name: str, overrides: list[str]) -> dict:
     from common import train, train_steps
 
-    budget = args.rows * args.max_seq_len * args.fill
-    step = args.micro * args.nproc
-    examples = max(step, round(budget / args.mean_len / step) * step)
     run = train(out / name, [
         f"model.path={args.model}", "data=jsonl", f"data.path={args.data}", "data.format=chat",
         "data.eval_path=null", f"data.max_seq_len={args.max_seq_len}", "data.truncation=right",
-        "data.packing=true", f"data.cache_dir={out / 'cache'}", "model.gradient_checkpointing=true",
-        f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={examples}",
+        "data.packing=true", "data.packing_scope=dataset", f"data.cache_dir={out / 'cache'}", "model.gradient_checkpointing=true",
+        f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.rows}",
         f"trainer.micro_batch_size={args.micro}", f"trainer.precision={args.precision}",
         "trainer.eval_generate_examples=0", "trainer.save_every=0", f"trainer.seed={args.seed}",
         f"optim.lr={args.lr}", "optim.warmup_steps=2", "optim.scheduler=cosine",
@@ -242,7 +225,7 @@ def run_ours(args: argparse.Namespace, out: Path, name: str, overrides: list[str
            "peak_mb": run["summary"]["peak_memory_mb"]}
     out_ = summarise(raw, args.warmup)
     out_["non_pad_share"] = statistics.mean(m["non_pad_share"] for m in steps)
-    out_["examples_per_step"] = examples
+    out_["row_fill"] = run["summary"]["data"].get("row_fill")
     return out_
 
 
@@ -264,7 +247,6 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8, help="global batch: packed rows of max-seq-len")
     ap.add_argument("--micro", type=int, default=2, help="rows per micro-batch")
     ap.add_argument("--max-seq-len", type=int, default=256)
-    ap.add_argument("--fill", type=float, default=0.95, help="expected row fill, for ours' batch in examples")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--precision", choices=("bf16", "fp32"), default=None,
@@ -295,7 +277,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.model = args.model or build_model(args.out / f"smollm-qwen-{args.layers}l", args.layers)
     args.data = args.data or build_data(args.out / "chat.jsonl")
-    args.mean_len = mean_tokens(args)
     rows = {}
     rows["orchestrate train"] = run_ours(args, args.out, "ours", args.extra)
     for v in args.variant:
@@ -310,7 +291,7 @@ def main() -> None:
         import trl as trl_mod
 
         versions += f", trl {trl_mod.__version__}"
-    print(f"model {args.model}, data {args.data} (mean {args.mean_len:.0f} tokens/example), "
+    print(f"model {args.model}, data {args.data}, "
           f"{args.nproc} ranks, {args.steps} steps ({args.warmup} warm-up), max_seq_len "
           f"{args.max_seq_len}, global batch {args.rows} rows, micro-batch {args.micro} rows; {versions}")
     print("| run | tokens/s (non-pad) | vs TRL | median step s | tokens/step | peak MB per rank | vs TRL |")
@@ -323,8 +304,8 @@ def main() -> None:
         print(f"| {name} | {r['tokens_per_s']:.0f} | {speed} | {r['median_step_s']:.1f} | "
               f"{r['tokens_per_step']:.0f} | {peaks} | {mem} |")
     for name, r in rows.items():
-        print(f"{name}: {r['examples_per_step']} examples per step, non-pad share of positions "
-              f"{r['non_pad_share']:.3f}")
+        fill = f"packed rows {r['row_fill']:.1%} full over the set" if r["row_fill"] else "step-scoped packing"
+        print(f"{name}: {fill}, non-pad share of the positions it ran {r['non_pad_share']:.3f}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,10 @@ class DataConfig:
     # Pack several examples into each row (position ids restart per example, no attention
     # across examples) instead of padding every example to the longest in the micro-batch.
     packing: bool = False
+    # What packing packs: step (each step's global batch of trainer.global_batch_size examples,
+    # the same examples and loss as unpacked) or dataset (the whole set once, as TRL and
+    # torchtune do; trainer.global_batch_size then counts rows of max_seq_len, ~98% full).
+    packing_scope: str = "step"
     # A malformed row stops the run (error) or is skipped and counted (skip).
     on_bad_row: str = "error"
     # Tokenized data cache, keyed by data, tokenizer and settings; null:
@@ -390,6 +394,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("alpaca", "chat", "text"),
     "data.truncation": ("right", "left", "drop", "error"),
     "data.on_bad_row": ("error", "skip"),
+    "data.packing_scope": ("step", "dataset"),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
     "trainer.on_nonfinite": ("stop", "skip"),
@@ -508,6 +513,8 @@ def validate(cfg: RunConfig) -> None:
             f"trainer.max_steps={cfg.trainer.max_steps} and trainer.epochs={cfg.trainer.epochs}: "
             "set max_steps > 0 or epochs > 0"
         )
+    if cfg.data.packing_scope == "dataset" and not cfg.data.packing:
+        raise ConfigError("data.packing_scope=dataset needs data.packing=true")
     if not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules=[] is not allowed; name modules or use [all-linear]")
     if cfg.quant.method == "none" and cfg.quant.storage_dtype not in ("auto",):

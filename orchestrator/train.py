@@ -23,8 +23,8 @@ import torch
 from . import checkpoint, commcount, faults, rundir
 from .config import RunConfig, accumulation_steps, to_container
 from .data import (
-    StepSampler, TokenBudgetSampler, collate, collate_rows, describe, example_lengths, load_splits,
-    model_inputs,
+    PackedRowSampler, StepSampler, TokenBudgetSampler, collate, collate_rows, describe, example_lengths,
+    load_splits, model_inputs,
 )
 from .distributed import (
     DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
@@ -129,6 +129,15 @@ def _planned_peak_mb(cfg: RunConfig, dist: DistInfo, compute_dtype: torch.dtype,
     return round(plan.measurable_bytes() / MiB, 1)
 
 
+def _packing_stats(cfg: RunConfig, sampler: StepSampler) -> dict[str, Any]:
+    """How full the packed rows are over the whole training set (summary.json's data block)."""
+    if not cfg.data.packing:
+        return {}
+    if isinstance(sampler, PackedRowSampler):
+        return {"packing_scope": "dataset", "packed_rows": len(sampler.rows), "row_fill": sampler.fill}
+    return {"packing_scope": "step"}
+
+
 def _log_memory(planned: float | None, peaks: list[float]) -> None:
     for r, measured in enumerate(peaks):
         if planned is None:
@@ -185,14 +194,23 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     accum = accumulation_steps(cfg, dist.world_size)
     planned_mb = _planned_peak_mb(cfg, dist, compute_dtype, splits)
     pad_id = tokenizer.pad_token_id
-    if cfg.data.packing:  # token budget: micro_batch_size rows of max_seq_len, packed over the global batch
+    if cfg.data.packing and cfg.data.packing_scope == "dataset":  # global batch in rows
+        sampler = PackedRowSampler(
+            t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank, t.seed,
+            example_lengths(train_examples), cfg.data.max_seq_len, splits.fingerprint)
+        if dist.is_main:
+            log.info("packing: %d examples into %d rows of %d tokens (%.1f%% full)",
+                     len(train_examples), len(sampler.rows), cfg.data.max_seq_len, 100 * sampler.fill)
+    elif cfg.data.packing:  # token budget: micro_batch_size rows of max_seq_len, packed over the global batch
         sampler = TokenBudgetSampler(
             len(train_examples), t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank,
             t.seed, example_lengths(train_examples), cfg.data.max_seq_len, splits.fingerprint)
-        make_batch = lambda mb: collate_rows([[train_examples[i] for i in row] for row in mb], pad_id)  # noqa: E731
     else:
         sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
                               dist.world_size, dist.rank, t.seed, fingerprint=splits.fingerprint)
+    if cfg.data.packing:
+        make_batch = lambda mb: collate_rows([[train_examples[i] for i in row] for row in mb], pad_id)  # noqa: E731
+    else:
         make_batch = lambda mb: collate([train_examples[i] for i in mb], pad_id)  # noqa: E731
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch
     set_phase("strategy setup (wrapping the model, building the optimizer)")
@@ -368,7 +386,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "holdings_bytes": holdings,
         "base_storage": base_storage,
         "loss": loss_kind,
-        "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint},
+        "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint,
+                 **_packing_stats(cfg, sampler)},
         **code_info(),  # version, git commit (None outside a clone) and where the code ran from
     }
     if dist.is_main:

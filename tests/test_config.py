@@ -21,6 +21,8 @@ from conftest import orchestrate
         ("strategy.zero_stage=3", "Key 'zero_stage' not in 'DDPConfig'"),
         ("lora.r=0", "lora.r=0 is not allowed; it must be > 0"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is not allowed"),
+        ("data.packing_scope=dataset", "data.packing_scope=dataset needs data.packing=true"),
+        ("data.packing_scope=epoch", "data.packing_scope='epoch' is not allowed; choose one of: step, dataset"),
         ("trainer.micro_batch_size=5", "trainer.global_batch_size=16 is not a multiple of trainer.micro_batch_size=5"),
         ("model.path=/nonexistent/model", "model.path='/nonexistent/model': no such directory"),
         ("data.path=/nonexistent/train.jsonl", "data.path: /nonexistent/train.jsonl: no such file"),

@@ -78,8 +78,11 @@ def test_each_format_trains_and_caches(files, tmp_path, capsys, fmt) -> None:
 
 
 def test_packed_run_resumes_on_the_same_examples(files, tmp_path) -> None:
+    """The whole set packed once (data.packing_scope=dataset, global batch in rows) on two
+    ranks: rows nearly full, and a resume trains on the same rows."""
     path, _ = files["chat"]
     args = ["data=jsonl", f"data.path={path}", "data.format=chat", "data.packing=true",
+            "data.packing_scope=dataset",
             f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=6", "trainer.save_every=3",
             "launcher.nproc_per_node=2", *[a for a in COMMON if not a.startswith("launcher")],
             "trainer.micro_batch_size=4"]
@@ -88,6 +91,10 @@ def test_packed_run_resumes_on_the_same_examples(files, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((full / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
     assert state["sampler"]["steps_done"] == 3 and state["sampler"]["fingerprint"]
+    assert state["sampler"]["unit"] == "rows"
+    data = json.loads((full / "summary.json").read_text())["data"]
+    assert data["packing_scope"] == "dataset" and data["row_fill"] > 0.9, data
+    assert "packing: 400 examples into" in proc.stderr
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
     (resumed / "config.yaml").write_text((resumed / "config.yaml").read_text().replace(str(full), str(resumed)))

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from ..config import DataConfig
 from . import pipeline
 from .cache import ExampleSet, cache_root, example_lengths, fingerprint, lookup, new_entry, publish
-from .budget import TokenBudgetSampler
+from .budget import PackedRowSampler, TokenBudgetSampler
 from .collate import collate, collate_packed, collate_rows, model_inputs, pack_rows
 from .formats import chat_template, check_messages, format_alpaca, format_row
 from .prompt import prepare_prompt, prompt_row
@@ -32,7 +32,7 @@ from .tokenize import IGNORE_INDEX, Example
 
 __all__ = [
     "IGNORE_INDEX", "DataError", "Example", "ExampleSet", "Splits", "StepSampler", "check_rows",
-    "TokenBudgetSampler", "collate", "collate_packed", "collate_rows", "eval_shard", "example_lengths",
+    "PackedRowSampler", "TokenBudgetSampler", "collate", "collate_packed", "collate_rows", "eval_shard", "example_lengths",
     "format_alpaca",
     "load_examples", "load_splits", "model_inputs", "pack_rows", "prepare", "prepare_prompt", "prompt_row",
     "read_rows",

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 VERSION = 2  # bump when the tokenized layout or the tokenization rules change
 # Settings that do not change the tokens of any example.
-_NOT_TOKENS = ("path", "eval_path", "cache_dir", "packing", "num_proc")
+_NOT_TOKENS = ("path", "eval_path", "cache_dir", "packing", "packing_scope", "num_proc")
 
 
 def cache_root(cfg: DataConfig) -> Path:

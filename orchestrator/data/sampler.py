@@ -21,8 +21,11 @@ class StepSampler:
     """Micro-batch indices for (step, rank), deterministic in the seed.
 
     Epoch e uses permutation(seed + e); step s's global batch is the s-th slice of it (an
-    incomplete last slice is dropped), and rank r takes the r-th contiguous part.
+    incomplete last slice is dropped), and rank r takes the r-th contiguous part. What is
+    permuted is examples here and packed rows in ``PackedRowSampler`` (``unit``).
     """
+
+    unit = "examples"
 
     def __init__(self, n: int, global_batch: int, micro_batch: int, world: int, rank: int, seed: int,
                  fingerprint: str = ""):
@@ -56,14 +59,16 @@ class StepSampler:
         """The position after ``steps_done`` optimizer steps, for the checkpoint."""
         epoch, index = divmod(steps_done, self.steps_per_epoch)
         return {"steps_done": steps_done, "epoch": epoch, "batch_in_epoch": index, "seed": self.seed,
-                "num_examples": self.n, "global_batch": self.global_batch, "fingerprint": self.fingerprint}
+                "num_examples": self.n, "global_batch": self.global_batch, "fingerprint": self.fingerprint,
+                "unit": self.unit}
 
     def load_state_dict(self, state: Optional[dict[str, Any]], step: int) -> None:
         """Refuse a checkpoint position that belongs to other data or sampling settings."""
         if state is None:  # written before positions were recorded: nothing to compare
             return
         mine = self.state_dict(step)
-        differ = [k for k in ("steps_done", "fingerprint", "num_examples", "global_batch", "seed")
+        state = {"unit": "examples", **state}  # positions written before rows could be the unit
+        differ = [k for k in ("steps_done", "fingerprint", "num_examples", "global_batch", "seed", "unit")
                   if state.get(k) != mine[k]]
         if differ:
             raise DataError(

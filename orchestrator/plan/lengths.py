@@ -66,6 +66,11 @@ def data_lengths(cfg, train: Sequence[Any], eval_: Optional[Sequence[Any]] = Non
     """The widths a run of ``cfg`` on these prepared examples will meet."""
     eval_width = int(example_lengths(eval_).max()) if eval_ is not None and len(eval_) else 0
     if cfg.data.packing:
+        if cfg.data.packing_scope == "dataset":  # refuses, before launch, too few rows for a step
+            from ..data.budget import PackedRowSampler
+
+            PackedRowSampler(cfg.trainer.global_batch_size, 1, 1, 0, cfg.trainer.seed,
+                             example_lengths(train), cfg.data.max_seq_len)
         return DataLengths(cfg.data.max_seq_len, eval_width, cfg.data.max_seq_len, packed=True)
     lengths = example_lengths(train)
     width = longest_drawn(lengths, cfg.trainer.global_batch_size, cfg.trainer.seed,
