@@ -7,6 +7,7 @@ benchmark measures the pipeline users run, not a shortcut around it.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def train(run_dir: Path, overrides: list[str], reuse: bool = False) -> dict:
     Console output is off (logger=basic, no progress bar): the run directory holds what is read.
     With ``reuse``, a finished run made with exactly these overrides is read instead of trained
     again (an interrupted benchmark continues); one made with other overrides is an error, never
-    silently mixed into a table.
+    silently mixed into a table. Without it, a run left in ``run_dir`` by an earlier benchmark is
+    removed first: the benchmark measures a fresh run, not a resume (or a refused one).
     """
     run_dir = run_dir.resolve()
     args = [f"run.dir={run_dir}", "logger=basic", "logger.console=false", *overrides]
@@ -43,6 +45,8 @@ def train(run_dir: Path, overrides: list[str], reuse: bool = False) -> dict:
         if yaml.safe_load((run_dir / "overrides.yaml").read_text()) != args:
             return {"error": f"{run_dir} holds a finished run with other overrides; use another directory"}
         return read_run(run_dir)
+    if not reuse and (run_dir / "overrides.yaml").exists():
+        shutil.rmtree(run_dir)
     proc = subprocess.run([sys.executable, "-m", "launch", "train", *args], cwd=ROOT,
                           capture_output=True, text=True)
     if proc.returncode != 0:
