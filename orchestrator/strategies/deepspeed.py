@@ -47,8 +47,12 @@ def load_jit_ops() -> None:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return
     build_dir = Path(_get_build_directory(builder.name, verbose=False))
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with open(build_dir.parent / f".{builder.name}.orchestrator-lock", "w") as guard:
+    try:
+        guard = open(build_dir.parent / f".{builder.name}.orchestrator-lock", "w")
+    except OSError:  # a read-only extensions directory: a prebuilt op, nothing to build or lock
+        builder.load(verbose=False)
+        return
+    with guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         stale = build_dir / "lock"
         if stale.exists():
