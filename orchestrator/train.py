@@ -129,15 +129,6 @@ def _planned_peak_mb(cfg: RunConfig, dist: DistInfo, compute_dtype: torch.dtype,
     return round(plan.measurable_bytes() / MiB, 1)
 
 
-def _packing_stats(cfg: RunConfig, sampler: StepSampler) -> dict[str, Any]:
-    """How full the packed rows are over the whole training set (summary.json's data block)."""
-    if not cfg.data.packing:
-        return {}
-    if isinstance(sampler, PackedRowSampler):
-        return {"packing_scope": "dataset", "packed_rows": len(sampler.rows), "row_fill": sampler.fill}
-    return {"packing_scope": "step"}
-
-
 def _log_memory(planned: float | None, peaks: list[float]) -> None:
     for r, measured in enumerate(peaks):
         if planned is None:
@@ -387,7 +378,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "base_storage": base_storage,
         "loss": loss_kind,
         "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint,
-                 **_packing_stats(cfg, sampler)},
+                 **sampler.packing_stats()},
         **code_info(),  # version, git commit (None outside a clone) and where the code ran from
     }
     if dist.is_main:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from .sampler import StepSampler
 from .sources import DataError
@@ -28,8 +30,6 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     lowest row). Rows are kept by free space, so a million examples pack in seconds: each
     placement is a bisection over the distinct free sizes (at most ``capacity``), not a scan
     of every row."""
-    import numpy as np
-
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
     rows: list[list[int]] = []
     frees: list[int] = []  # sorted free sizes that some open row has
@@ -136,8 +136,10 @@ class PackedRowSampler(StepSampler):
                 "with data.packing_scope=dataset)")
         super().__init__(len(self.rows), global_batch, rows_per_micro, world, rank, seed, fingerprint)
         self.lengths, self.capacity = lengths, capacity
-        self.num_examples = len(lengths)
-        self.fill = float(sum(int(x) for x in lengths)) / (len(self.rows) * capacity)
+        self.fill = float(np.sum(lengths, dtype=np.int64)) / (len(self.rows) * capacity)
+
+    def packing_stats(self) -> dict[str, Any]:
+        return {"packing_scope": "dataset", "packed_rows": len(self.rows), "row_fill": self.fill}
 
     def micro_batches(self, step: int) -> list[list[list[int]]]:  # type: ignore[override]
         return [[self.rows[r] for r in mb] for mb in super().micro_batches(step)]

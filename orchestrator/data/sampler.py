@@ -55,6 +55,10 @@ class StepSampler:
         local = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
         return [local[j : j + self.micro] for j in range(0, per_rank, self.micro)]
 
+    def packing_stats(self) -> dict[str, Any]:
+        """What summary.json records of the packing (nothing: this sampler does not pack)."""
+        return {}
+
     def state_dict(self, steps_done: int) -> dict[str, Any]:
         """The position after ``steps_done`` optimizer steps, for the checkpoint."""
         epoch, index = divmod(steps_done, self.steps_per_epoch)
