@@ -23,9 +23,18 @@ FAST = [
 ]
 
 
+# ORCHESTRATOR_TEST_PRECISION=fp32|bf16 runs every `orchestrate train` of the suite in that
+# precision (unless a test sets its own), so one machine can check both kinds of CI machine: the
+# launcher's `auto` picks bf16 on CPUs with AVX512-BF16 and fp32 on the others.
+FORCED_PRECISION = os.environ.get("ORCHESTRATOR_TEST_PRECISION")
+
+
 def orchestrate(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m launch ARGS`` (the ``orchestrate`` console script) and capture output."""
     full_env = {**os.environ, **(env or {})}
+    if FORCED_PRECISION and args and args[0] == "train" and not any(
+            a.startswith("trainer.precision=") for a in args):
+        args = (*args, f"trainer.precision={FORCED_PRECISION}")
     return subprocess.run(
         [sys.executable, "-m", "launch", *args], cwd=ROOT, capture_output=True, text=True,
         timeout=timeout, env=full_env,
