@@ -63,9 +63,11 @@ def _frozen(cfg) -> Optional[dict]:
     return yaml.safe_load(frozen.read_text()) or {}
 
 
-def resolve(cfg, world: int, ranks_per_node: int, data=None) -> Optional[str]:
+def resolve(cfg, world: int, ranks_per_node: int, data=None, budget=None) -> Optional[str]:
     """Replace ``auto`` in ``cfg`` by concrete values, planned at ``data`` (the prepared data's
-    lengths, ``prepared_lengths``); returns the line to print (None: no auto)."""
+    lengths, ``prepared_lengths``) against ``budget`` (launch/budget.py's ``Budget``: what the
+    ranks will have, the GPUs' free memory where the launcher sees them; None: the plan's own);
+    returns the line to print (None: no auto)."""
     if not has_auto(cfg):
         return None
     old = _frozen(cfg)
@@ -80,7 +82,8 @@ def resolve(cfg, world: int, ranks_per_node: int, data=None) -> Optional[str]:
             return f"auto: resuming with {' '.join(taken)} as frozen in {Path(cfg.run.dir) / 'config.yaml'}"
     from orchestrator.plan import resolve_auto
 
-    choice = resolve_auto(cfg, world, device=rank_device(cfg), data=data, ranks_per_node=ranks_per_node)
+    choice = resolve_auto(cfg, world, device=rank_device(cfg), data=data, ranks_per_node=ranks_per_node,
+                          budget_per_rank=None if budget is None else (budget.per_rank, budget.source))
     cfg.trainer.micro_batch_size = choice.micro_batch
     cfg.model.gradient_checkpointing = choice.checkpointing
     return choice.describe()

@@ -142,12 +142,14 @@ def _data_lengths(cfg, splits):
 def _resolve_auto(cfg, data) -> None:
     """``auto`` settings become concrete here, at the prepared data's lengths, before
     prepare_run_dir freezes the config (launch/auto.py)."""
-    from launch.auto import resolve
+    from launch.auto import has_auto, resolve
+    from launch.budget import BudgetError, memory_budget
     from orchestrator.plan import PlanError
 
     try:
-        line = resolve(cfg, world_size(cfg), ranks_per_node(cfg), data)
-    except PlanError as exc:
+        budget = memory_budget(cfg, ranks_per_node(cfg)) if has_auto(cfg) else None
+        line = resolve(cfg, world_size(cfg), ranks_per_node(cfg), data, budget)
+    except (PlanError, BudgetError) as exc:
         raise UsageError(str(exc)) from exc
     if line:
         print(line, file=sys.stderr if getattr(cfg.launcher, "dry_run", False) else sys.stdout, flush=True)

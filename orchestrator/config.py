@@ -541,6 +541,17 @@ def validate(cfg: RunConfig) -> None:
             "quant.storage_dtype='uint8' cannot be sharded with strategy.shard_base=true; "
             "leave it auto (the compute dtype) or choose bf16, fp16 or fp32"
         )
+    if (getattr(cfg.strategy, "shard_base", False) and getattr(cfg.strategy, "mixed_precision", False)
+            and cfg.quant.method != "none" and cfg.quant.storage_dtype not in ("auto", cfg.trainer.precision)):
+        # FSDP's param_dtype casts every sharded float parameter after the all-gather, the
+        # packed 4-bit bytes included: a numeric cast of bytes corrupts the base (fsdp_qlora:
+        # the storage dtype must match FSDP's param_dtype).
+        raise ConfigError(
+            f"quant.storage_dtype={cfg.quant.storage_dtype!r} with strategy.mixed_precision=true "
+            f"and trainer.precision={cfg.trainer.precision!r}: FSDP would cast the packed 4-bit "
+            "bytes to the compute dtype and corrupt them; leave quant.storage_dtype auto (the "
+            "compute dtype) or set it and trainer.precision to the same dtype"
+        )
     if not is_auto(cfg.trainer.micro_batch_size) and cfg.trainer.global_batch_size % cfg.trainer.micro_batch_size:
         raise ConfigError(
             f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not a multiple of "

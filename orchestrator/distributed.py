@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 
 _PHASE = "startup"
+T = TypeVar("T")
 
 
 def set_phase(phase: str) -> None:
@@ -45,19 +46,47 @@ class DistInfo:
     world_size: int
     device: torch.device
     backend: str
+    timeout_s: int = 600  # the process group's collective timeout (launcher.dist_timeout_s)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: int = 600) -> DistInfo:
+def process_group_backend(device_type: str, cpu_collectives: bool = False) -> str:
+    """The backend string for ``init_process_group``: NCCL on CUDA, gloo on CPU.
+
+    ``cpu_collectives``: some collectives will run on CPU tensors although the ranks compute on
+    GPUs (FSDP2 with CPU offload keeps gradients and their norm on the host, and clipping
+    all-reduces them there). NCCL has no CPU path ("No backend type associated with device type
+    cpu"), so such runs get one group with both, ``cuda:nccl,cpu:gloo``, as torchtune and
+    torchtitan use when offloading.
+    """
+    if device_type == "cuda":
+        return "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
+    return "gloo"
+
+
+def use_expandable_segments() -> None:
+    """Let CUDA's caching allocator grow segments in place instead of caching one block per
+    size (``expandable_segments``), as torchtitan's runs do: the batches of an unpacked run
+    change shape every step, and with fixed segments the reserved memory drifts above what is
+    allocated until an out-of-memory at a peak the plan allowed. Must be set before the first
+    CUDA allocation; a setting of the user's (either variable) is kept."""
+    if not any(k in os.environ for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def init_distributed(timeout_s: int = 600, cpu_collectives: bool = False) -> DistInfo:
     """Join the process group torchrun (or Slurm via torchrun) set up; world 1 without one.
 
     Outside a launcher (a test calling ``run`` in-process) no process group is created and every
-    collective helper below degrades to the identity.
+    collective helper below degrades to the identity. ``DistInfo.backend`` names the device's
+    backend (what DeepSpeed is told); the group itself may also carry gloo for CPU tensors
+    (``process_group_backend``).
     """
     set_phase("process group start-up (rendezvous)")
+    use_expandable_segments()
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -69,7 +98,8 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
+        kwargs: dict[str, Any] = {"backend": process_group_backend(device.type, cpu_collectives),
+                                  "timeout": timedelta(seconds=timeout_s)}
         if device.type == "cuda":
             kwargs["device_id"] = device
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -82,7 +112,58 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
             kwargs.update(store=dist.PrefixStore(f"orchestrator/attempt{restart}", store),
                           rank=rank, world_size=world_size)
         dist.init_process_group(**kwargs)
-    return DistInfo(rank, local_rank, world_size, device, backend)
+    return DistInfo(rank, local_rank, world_size, device, backend, timeout_s)
+
+
+class Rank0Stalled(RuntimeError):
+    """Rank 0 stopped making progress on work the other ranks wait for."""
+
+
+def while_rank0_works(work: Callable[[], T], what: str, dist_info: DistInfo,
+                      beat_s: float = 2.0) -> Optional[T]:
+    """Run ``work`` on rank 0 while the others wait outside any collective, as long as it takes.
+
+    Work done by rank 0 alone (loading and quantizing a whole base on the host: minutes for a
+    70B model) cannot sit between two collectives: the waiting ranks would hit the collective
+    timeout (``launcher.dist_timeout_s``), or NCCL's watchdog, and kill the job while rank 0
+    is still busy. Here rank 0 bumps a heartbeat counter in the process group's store from a
+    thread while ``work`` runs; the others poll the store and give up only when the counter
+    has not moved for ``timeout_s`` (rank 0 died or hung), with one line saying so. Returns
+    ``work()``'s result on rank 0, None elsewhere; without a process group it just runs.
+    """
+    if not dist.is_initialized() or dist_info.world_size == 1:
+        return work() if dist_info.rank == 0 else None
+    import threading
+    import time
+
+    store = dist.distributed_c10d._get_default_store()
+    key = f"orchestrator/rank0/{what}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if dist_info.rank == 0:
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(beat_s):
+                store.add(f"{key}/beat", 1)
+
+        thread = threading.Thread(target=beat, name="rank0-heartbeat", daemon=True)
+        thread.start()
+        try:
+            return work()
+        finally:
+            done.set()
+            thread.join()
+            store.set(f"{key}/done", "1")
+    last, since = -1, time.monotonic()
+    while not store.check([f"{key}/done"]):
+        beats = store.add(f"{key}/beat", 0)
+        if beats != last:
+            last, since = beats, time.monotonic()
+        elif time.monotonic() - since > dist_info.timeout_s:
+            raise Rank0Stalled(
+                f"rank 0 made no progress on {what} for {dist_info.timeout_s} s "
+                "(launcher.dist_timeout_s): it died or hung")
+        time.sleep(min(0.5, beat_s / 2))
+    return None
 
 
 def shutdown() -> None:

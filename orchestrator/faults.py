@@ -26,6 +26,20 @@ def armed(kind: str, step: int, rank: int = 0) -> bool:
     return False
 
 
+def pause(kind: str, rank: int) -> None:
+    """``kind:SECONDS[:RANK]``: sleep that long here (first attempt only), e.g. ``slow_load:10:0``
+    makes rank 0's loading outlast a short ``launcher.dist_timeout_s``."""
+    import time
+
+    specs = os.environ.get(ENV)
+    if not specs or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return
+    for spec in specs.split(","):
+        parts = spec.split(":")
+        if parts[0] == kind and (len(parts) < 3 or int(parts[2]) == rank):
+            time.sleep(float(parts[1]))
+
+
 def die() -> None:
     """Vanish like a killed process: no cleanup, no exception handlers."""
     os._exit(137)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, ModelConfig, QuantConfig
-from .distributed import DistInfo, broadcast_object
+from . import faults
+from .distributed import DistInfo, broadcast_object, while_rank0_works
 from .model import attach_lora, disable_cpu_repacking, load_base, prepare_loaded
 
 
@@ -146,15 +147,20 @@ def load_for_sharding(model_cfg: ModelConfig, quant: QuantConfig, lora: LoraConf
     The caller shards the meta model and then calls ``fill_from_rank0``. Rank 0 loads on the
     host: it may not fit on one accelerator, which is why the base is being sharded at all.
     """
-    source = spec = None
     rng = torch.random.get_rng_state()
-    if dist.rank == 0:
+
+    def load() -> tuple[SourceModel, ModelSpec]:
+        faults.pause("slow_load", dist.rank)  # tests: a load slower than the collective timeout
         base = load_base(model_cfg, quant, compute_dtype, torch.device("cpu"),
                          storage_dtype=storage_dtype)
         spec = _describe(base)
         loaded = attach_lora(base, lora)
         spec.tensors = _tensor_specs(loaded)
-        source = SourceModel(loaded, dict(loaded.named_parameters()), dict(loaded.named_buffers()))
+        return SourceModel(loaded, dict(loaded.named_parameters()), dict(loaded.named_buffers())), spec
+
+    # However long rank 0 takes (CPU quantization runs at ~15 M weights/s: a 70B base takes over
+    # an hour), the others wait outside any collective (distributed.while_rank0_works).
+    source, spec = while_rank0_works(load, "loading the base", dist) or (None, None)
     spec = broadcast_object(spec)
     torch.random.set_rng_state(rng)  # the skeleton's (meta) LoRA init must not shift the RNG
     return _skeleton(spec, model_cfg, lora, compute_dtype, source, dist), source

@@ -152,6 +152,27 @@ def load_with_adapter(
     return PeftModel.from_pretrained(base, adapter_dir)
 
 
+class ForwardDtypeProbe:
+    """The dtype the first adapter layer computed in, in the next forward through the model.
+
+    It tells whether the compute dtype really reached inside the strategy's forward: a wrapper
+    that turns autocast off (DeepSpeed's engine without its ``torch_autocast`` section, on CUDA)
+    runs the adapters in fp32 and nothing else says so. The adapter's own weights are fp32, so
+    its output is in the compute dtype only under autocast. The hook removes itself after one
+    call.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.dtype: Optional[str] = None
+        target = next((m for m in model.modules() if isinstance(m, nn.Linear)
+                       and any(p.requires_grad for p in m.parameters(recurse=False))), None)
+        self._handle = target.register_forward_hook(self._seen) if target is not None else None
+
+    def _seen(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        self.dtype = str(output.dtype).replace("torch.", "")
+        self._handle.remove()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
     trainable = total = 0

@@ -35,9 +35,9 @@ from .loss import build_loss
 from .metrics import build_logger
 from .preempt import StopRequest
 from .runinfo import code_info, hardware, library_versions, peak_flops
-from .model import base_linear_storage, count_parameters, load_tokenizer
+from .model import ForwardDtypeProbe, base_linear_storage, count_parameters, load_tokenizer
 from .plan import MiB, PlanError, data_lengths, plan_for_run
-from .strategies import BatchPlan, build_strategy
+from .strategies import BatchPlan, build_strategy, needs_cpu_collectives
 from .strategies.mesh import local_world_size
 
 log = logging.getLogger("orchestrator")
@@ -150,7 +150,8 @@ def _write(logger, write, *args):
 
 def run(cfg: RunConfig, run_dir: Path) -> RunResult:
     """Train per ``cfg`` on this rank, writing outputs into ``run_dir``."""
-    dist = init_distributed(getattr(cfg.launcher, "dist_timeout_s", 600))
+    dist = init_distributed(getattr(cfg.launcher, "dist_timeout_s", 600),
+                            cpu_collectives=needs_cpu_collectives(cfg.strategy))
     # No barrier on failure: the other ranks may be inside a collective that this rank will
     # never join; exiting lets torchrun tear the group down instead of hanging.
     try:
@@ -243,6 +244,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         state["eval_before"] = before
         logger.log(0, before)
 
+    forward_dtype = ForwardDtypeProbe(model)  # the first training forward's, not evaluation's
     stop = StopRequest(run_dir, dist.device, t.save_every_minutes)
     if dist.is_main:
         rundir.write_state(run_dir, "running", step=start_step)
@@ -351,15 +353,20 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     set_phase("adapter export")
     _write(logger, checkpoint.export_adapter, run_dir, strategy, dist, step)
     peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
+    precision = str(compute_dtype).replace("torch.", "")
     if dist.is_main:
         _log_memory(planned_mb, peaks)
+        if forward_dtype.dtype not in (None, precision):
+            log.warning("the adapters computed in %s, not %s: the strategy's forward did not run "
+                        "under the compute dtype's autocast", forward_dtype.dtype, precision)
     before = state.get("eval_before", {})
     summary = {
         "steps": step,
         "world_size": dist.world_size,
         "strategy": strategy.name,
         "device": dist.device.type,
-        "precision": str(compute_dtype).replace("torch.", ""),
+        "precision": precision,
+        "forward_dtype": forward_dtype.dtype,  # what the adapters computed in (None: no step ran)
         "trainable_params": trainable,
         "total_params": total,
         "train_loss_first": state.get("train_loss_first"),

@@ -18,6 +18,8 @@ def test_end_of_run_table_shows_the_summary(two_rank_run: Path) -> None:
     out = (two_rank_run.parent / "ddp.stdout").read_text()
     summary = json.loads((two_rank_run / "summary.json").read_text())
     assert '"holdings_bytes"' not in out  # the JSON stays in summary.json
+    # The adapters computed in the run's precision (auto: bf16 where the CPU has it natively).
+    assert summary["forward_dtype"] == summary["precision"] in ("bfloat16", "float32")
     assert f"{summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}" in out
     assert f"{summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}" in out
     assert f"{summary['eval_accuracy_after'] * 100:.1f}%" in out

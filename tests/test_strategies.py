@@ -55,6 +55,7 @@ def test_trains_and_matches_ddp(runs, name) -> None:
     assert len(losses) == 6 and losses[-1] < losses[0]
     summary = json.loads((runs[name] / "summary.json").read_text())
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert summary["forward_dtype"] == summary["precision"] == "float32"  # the adapters' matmuls
     ref = _losses(runs["ddp"])
     for a, b in zip(losses, ref):
         assert abs(a - b) <= TOLERANCE[name] * max(1.0, abs(b)), (name, losses, ref)

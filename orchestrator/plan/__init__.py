@@ -18,7 +18,7 @@ from .auto import AutoChoice, candidates, choose, host_available, memory_budget
 from .lengths import DataLengths, data_lengths, example_lengths, longest_drawn
 from .memory import (
     CPU_RETENTION, CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, DEEPSPEED_BUCKET_ELEMENTS, NCCL_BYTES,
-    OVERHEAD, RETENTION, TOKENIZER, TOKENIZER_BYTES_PER_ENTRY, Phase, Plan, layer_activation_bytes,
+    CUDA_ALLOCATOR_RESERVE, OVERHEAD, RESERVE, RETENTION, TOKENIZER, TOKENIZER_BYTES_PER_ENTRY, Phase, Plan, layer_activation_bytes,
     plan_memory, residual_bytes, saved_activation_bytes,
 )
 from .report import format_plan, plan_for_run, report, resolve_auto
@@ -31,7 +31,7 @@ from .suggest import Suggestion, phase_total, suggest
 __all__ = [
     "AutoChoice", "CommPlan", "JobShape", "comm_plan", "comm_plan_for_run", "compute_seconds",
     "format_comm", "CPU_RETENTION", "CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "DEEPSPEED_BUCKET_ELEMENTS",
-    "DataLengths", "GiB", "LAYER_LINEARS", "MiB", "ModelShape", "NCCL_BYTES", "OVERHEAD", "Phase",
+    "DataLengths", "GiB", "LAYER_LINEARS", "MiB", "ModelShape", "NCCL_BYTES", "OVERHEAD", "RESERVE", "CUDA_ALLOCATOR_RESERVE", "Phase",
     "Plan", "PlanError", "RETENTION", "Setup", "Suggestion", "TOKENIZER", "TOKENIZER_BYTES_PER_ENTRY",
     "candidates", "choose",
     "compute_bytes_for", "data_lengths", "example_lengths", "format_plan", "host_available",

@@ -43,10 +43,20 @@ from .shapes import GiB, MiB, LAYER_LINEARS, ModelShape, lora_params, nf4_bytes
 
 #: DeepSpeed's default reduce_bucket_size (elements); strategies/deepspeed.py does not change it.
 DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
-#: CUDA context plus NCCL buffers per rank, outside torch's allocator (typical for CUDA 12/13
-#: on Hopper/Ampere: ~0.5 GiB context, ~0.25 GiB communicators).
+#: CUDA context plus NCCL buffers per rank, outside torch's allocator: ~0.5 GiB of context
+#: (CUDA 12/13 on Hopper/Ampere, with cuBLAS workspaces), and per NCCL communicator its
+#: channel buffers plus, on NVSwitch systems (H100/H200 SXM), NVLink SHARP's ~288 MiB: 0.5 GiB
+#: each. An estimate from published figures, not yet measured on a GPU of ours
+#: (benchmarks/gpu_check.sh prints measured against planned); plan.overhead_gb replaces both.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
-NCCL_BYTES = int(0.25 * GiB)
+NCCL_BYTES = int(0.5 * GiB)
+#: The caching allocator reserves more than it hands out (blocks split and cached per size,
+#: per stream), and an out-of-memory happens at reserved, not allocated, bytes. The plan adds
+#: this share of the allocator's peak on CUDA so that it bounds what is reserved: PyTorch's
+#: reserved/allocated ratio at the peak of a training step is typically 1.05-1.15 with the
+#: default allocator, less with expandable segments, which the ranks turn on
+#: (distributed.py).
+CUDA_ALLOCATOR_RESERVE = 0.10
 #: Peak RSS per rank of `orchestrate train` with a negligible model (hidden 64, 1 layer, 8
 #: steps with evaluation), by strategy, less that model's own planned bytes (~7 MB): measured
 #: by ``benchmarks/planner_accuracy.py --calibrate`` on the 2-core build machine (torch 2.13
@@ -186,11 +196,20 @@ class Plan:
         on CUDA the allocator peak, which excludes the context and communicator buffers."""
         phase = self.peak_phase
         if self.setup.device == "cuda":
-            return phase.total - phase.items.get(OVERHEAD, 0.0)
+            return phase.total - phase.items.get(OVERHEAD, 0.0) - phase.items.get(RESERVE, 0.0)
         return phase.total
 
 
 OVERHEAD = "framework overhead"
+RESERVE = "allocator reserve (fragmentation)"
+
+
+def _communicators(s: Setup) -> int:
+    """NCCL communicators a rank creates: one for its group, two under HSDP (a shard group and
+    a replica group, each its own communicator)."""
+    if s.world <= 1:
+        return 0
+    return 2 if s.strategy == "fsdp" and 1 < s.shard_ranks < s.world else 1
 
 
 def _heap_transient(shape: ModelShape, s: Setup, acts: float, logits: float) -> float:
@@ -207,7 +226,7 @@ def _overhead(s: Setup) -> float:
     if s.overhead_bytes is not None:
         return float(s.overhead_bytes)
     if s.device == "cuda":
-        return CUDA_CONTEXT_BYTES + (NCCL_BYTES if s.world > 1 else 0)
+        return CUDA_CONTEXT_BYTES + NCCL_BYTES * _communicators(s)
     return float(CPU_RUNTIME_BYTES[s.strategy])
 
 
@@ -294,4 +313,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
         load.items["non-quantized params (embeddings, norms, head)"] = other_full + largest * b
     load.items[TOKENIZER] = host_tokenizer
     load.items[OVERHEAD] = overhead
+    if s.device == "cuda":
+        for phase in (load, train, ev):
+            phase.items[RESERVE] = CUDA_ALLOCATOR_RESERVE * (phase.total - overhead)
     return Plan(shape, s, [load, train, ev], limit_bytes, n_lora, budget)

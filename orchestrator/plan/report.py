@@ -90,9 +90,16 @@ def _inputs(cfg, world: int, device: Optional[str], compute_bytes: Optional[int]
 
 
 def resolve_auto(cfg, world: int, device: Optional[str] = None, data: Optional[DataLengths] = None,
-                 ranks_per_node: Optional[int] = None) -> AutoChoice:
-    """The fastest micro-batch size / checkpointing for ``cfg``'s ``auto`` settings (auto.py)."""
+                 ranks_per_node: Optional[int] = None,
+                 budget_per_rank: Optional[tuple[float, str]] = None) -> AutoChoice:
+    """The fastest micro-batch size / checkpointing for ``cfg``'s ``auto`` settings (auto.py).
+
+    ``budget_per_rank``: (bytes, where they come from) that the ranks will really have, as the
+    launcher measured them (the free memory of the GPUs it sees); without it, the plan's own
+    budget (``plan.gpu_memory_gb``, or on CPU the host's available memory)."""
     shape, setup, limit, budget = _inputs(cfg, world, device, None, data, ranks_per_node)
+    if budget_per_rank is not None:
+        limit, budget = budget_per_rank
     return choose(shape, setup, limit, cfg.trainer.global_batch_size // world,
                   cfg.trainer.micro_batch_size, cfg.model.gradient_checkpointing, budget)
 

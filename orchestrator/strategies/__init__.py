@@ -25,4 +25,10 @@ def build_strategy(cfg, dist: DistInfo, compute_dtype: torch.dtype) -> Strategy:
     raise ValueError(f"strategy.name={cfg.name!r} is not implemented")
 
 
-__all__ = ["BatchPlan", "Strategy", "build_strategy"]
+def needs_cpu_collectives(cfg) -> bool:
+    """Whether the strategy ``cfg`` runs collectives on host tensors even on GPUs (decided before
+    the process group exists, which must then carry a CPU backend too)."""
+    return cfg.name == "fsdp" and bool(getattr(cfg, "cpu_offload", False))
+
+
+__all__ = ["BatchPlan", "Strategy", "build_strategy", "needs_cpu_collectives"]

@@ -88,7 +88,7 @@ class DeepSpeedStrategy(Strategy):
             # saved weight is large and trainable, which LoRA's never is; the frozen 4-bit base
             # goes through bitsandbytes' own function either way.
             zero["memory_efficient_linear"] = False
-        return {
+        config = {
             "train_micro_batch_size_per_gpu": plan.micro_batch,
             "gradient_accumulation_steps": plan.accumulation,
             "train_batch_size": plan.micro_batch * plan.accumulation * self.dist.world_size,
@@ -98,6 +98,22 @@ class DeepSpeedStrategy(Strategy):
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        if self.compute_dtype != torch.float32:
+            config["torch_autocast"] = self.autocast_section()
+        return config
+
+    def autocast_section(self) -> dict:
+        """DeepSpeed's ``torch_autocast`` section: the engine's forward in the compute dtype.
+
+        Without it the engine turns off any CUDA autocast it finds active around its forward (a
+        warning, then fp32 compute: slower, more activation memory, losses no longer DDP's). On
+        CPU its check reads CUDA autocast only, so the loop's own autocast went through and
+        tests could not see this. No module is listed as "lower-precision safe": DeepSpeed
+        would otherwise mark every plain ``nn.Linear`` (each LoRA A and B) to all-gather and
+        reduce in bf16, where the other strategies keep adapter weights and gradients in fp32.
+        """
+        dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.compute_dtype]
+        return {"enabled": True, "dtype": dtype, "lower_precision_safe_modules": []}
 
     def wrap(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError("DeepSpeed wraps model and optimizer together; see setup()")
