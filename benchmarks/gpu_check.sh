@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# One GPU check, offline, in a few minutes: install the wheels that travel with the tree, build a
-# ~1B-parameter Llama (TinyLlama-1.1B's shape, random weights, the embedded tokenizer), then
-#   1. baseline.py: plain HF Trainer + PEFT + bitsandbytes against `orchestrate train`;
-#   2. planner_accuracy.py: every strategy on the one GPU, planned against measured peak;
+# One GPU check, offline, in at most ~8 minutes: install the wheels that travel with the tree,
+# build a ~1B-parameter Llama (TinyLlama-1.1B's shape, random weights, the embedded tokenizer),
+# then
+#   1. gpu_strategies.py: every strategy (DDP, FSDP2 plain / shard_base / cpu_offload, ZeRO-2/3)
+#      in bf16: tokens/s, MFU, the dtype the adapters computed in (must be bf16), allocated and
+#      reserved peaks against the plan; then merge the DDP run and generate from the merge;
+#   2. baseline.py: plain HF Trainer + PEFT + bitsandbytes against `orchestrate train`;
 #   3. saved_activations.py: the planner's activation model against what autograd saves on CUDA;
-# and write a results table to $OUT/gpu_results.md (and print it).
+# write a results table to $OUT/gpu_results.md (and print it), and exit non-zero if any failed.
+# One GPU means one rank: what only several ranks show (NCCL groups, sharding across ranks)
+# stays with the CPU tests' two gloo ranks.
 #
 #   bash benchmarks/gpu_wheels.sh                 # once, on a machine with the package registry
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine (carry [".whl"])
@@ -54,27 +59,28 @@ timeout 150 "$PY" benchmarks/synthetic.py 1b "$MODEL" >>"$LOG" 2>&1 || { say "mo
     echo
     echo "Machine: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1), $(date -u +%Y-%m-%d)."
     echo "Model: random Llama, TinyLlama-1.1B shape (hidden 2048, 22 layers, GQA 32/4), vocabulary 128;"
-    echo "tiny_instruct data, micro-batch 4, global batch 16, max_seq_len 128, $STEPS steps, one GPU."
+    echo "tiny_instruct data, micro-batch 4, global batch 16, max_seq_len 128, $STEPS steps, one GPU, bf16."
     echo
-    echo "## Baseline (HF Trainer + PEFT + bitsandbytes) against orchestrate train"
+    echo "## Every strategy: speed, the dtype the adapters computed in, planned against measured memory"
     echo
 } >"$RESULTS"
-say "baseline comparison"
-timeout 150 "$PY" benchmarks/baseline.py --model "$MODEL" --steps "$STEPS" 2>>"$LOG" | tee -a "$RESULTS" \
-    || echo "baseline comparison failed or timed out (see gpu_check.log)" | tee -a "$RESULTS"
+failed=0
+say "strategies (gpu_strategies.py), then merge and generate"
+timeout 330 "$PY" benchmarks/gpu_strategies.py --model "$MODEL" --steps "$STEPS" --out "$CACHE/runs" \
+    2>>"$LOG" | tee -a "$RESULTS"
+[ "${PIPESTATUS[0]}" = 0 ] || { failed=1; echo "strategy check FAILED (see gpu_check.log)" | tee -a "$RESULTS"; }
+[ "$has_ds" = 1 ] || echo "(DeepSpeed not importable: zero2/zero3 failed above)" >>"$RESULTS"
 
-strategies=(ddp fsdp "fsdp shard_base")
-[ "$has_ds" = 1 ] && strategies+=(zero2 zero3)
-{ echo; echo "## Planner: planned against measured peak per rank (CUDA allocator peak), each strategy"; echo; } >>"$RESULTS"
-say "strategies: ${strategies[*]}"
-timeout 240 "$PY" benchmarks/planner_accuracy.py --models 1b --cache "$CACHE" --nproc 1 --steps "$STEPS" \
-    --strategies "${strategies[@]}" 2>>"$LOG" | tee -a "$RESULTS" \
-    || echo "strategy runs failed or timed out (see gpu_check.log)" | tee -a "$RESULTS"
-[ "$has_ds" = 1 ] || echo "(DeepSpeed not importable: zero2/zero3 skipped)" >>"$RESULTS"
+{ echo; echo "## Baseline (HF Trainer + PEFT + bitsandbytes) against orchestrate train"; echo; } >>"$RESULTS"
+say "baseline comparison"
+timeout 120 "$PY" benchmarks/baseline.py --model "$MODEL" --steps "$STEPS" 2>>"$LOG" | tee -a "$RESULTS"
+[ "${PIPESTATUS[0]}" = 0 ] || { failed=1; echo "baseline comparison failed or timed out (see gpu_check.log)" | tee -a "$RESULTS"; }
+
 { echo; echo "## Activation model on CUDA: bytes autograd saves in one forward against the plan"; echo; } >>"$RESULTS"
 say "saved activations"
-timeout 90 "$PY" -m torch.distributed.run --nproc_per_node 1 benchmarks/saved_activations.py --model "$MODEL" \
-    data.max_seq_len=128 trainer.micro_batch_size=4 strategy=ddp 2>>"$LOG" | tee -a "$RESULTS" \
-    || echo "saved-activation probe failed or timed out (see gpu_check.log)" | tee -a "$RESULTS"
+timeout 60 "$PY" -m torch.distributed.run --nproc_per_node 1 benchmarks/saved_activations.py --model "$MODEL" \
+    data.max_seq_len=128 trainer.micro_batch_size=4 strategy=ddp 2>>"$LOG" | tee -a "$RESULTS"
+[ "${PIPESTATUS[0]}" = 0 ] || { failed=1; echo "saved-activation probe failed or timed out (see gpu_check.log)" | tee -a "$RESULTS"; }
 say "done in $(( $(date +%s) - start )) s; results in $RESULTS"
 cat "$RESULTS"
+exit $failed

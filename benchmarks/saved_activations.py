@@ -28,6 +28,30 @@ from orchestrator.evaluate import token_loss_sum  # noqa: E402
 from orchestrator.strategies import BatchPlan, build_strategy  # noqa: E402
 
 
+def held_weight_bytes(root) -> int:
+    """Bytes of the distinct storages that the graph's 4-bit matmul nodes keep for their backward
+    (bitsandbytes' ``ctx.tensors``; the ZeRO-3 path's ``ctx.weight``). A view of a gathered
+    ZeRO-3 weight keeps the gathered storage alive after DeepSpeed released the parameter; the
+    parameter object itself does not (its ``.data`` is swapped for an empty tensor)."""
+    seen, storages, stack = set(), {}, [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        kept = [t for t in (getattr(node, "tensors", None) or ()) if isinstance(t, torch.Tensor)]
+        if isinstance(getattr(node, "weight", None), torch.Tensor):
+            kept.append(node.weight)
+        for t in kept:
+            try:
+                st = t.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+            except RuntimeError:  # a storage FSDP2 freed in place (resized to 0): holds nothing
+                pass
+        stack += [n for n, _ in node.next_functions]
+    return sum(storages.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model.path (default: the embedded tiny model)")
@@ -60,8 +84,12 @@ def main() -> None:
             logits = strategy.train_module(input_ids=ids, attention_mask=torch.ones_like(ids),
                                            use_cache=False).logits
             token_loss_sum(logits, ids)
+    held = held_weight_bytes(logits.grad_fn)
     if dist.is_main:
         setup = P.setup_from_config(cfg, dist.world_size, dist.device.type, dtype.itemsize, shape)
+        base = sum(P.nf4_bytes(a * c, cfg.quant.double_quant) for a, c in shape.linears().values()) * shape.layers
+        print(f"4-bit weight storage the graph holds for the backward: {held / P.MiB:.1f} MiB "
+              f"(the whole packed base: {base / P.MiB:.1f} MiB)")
         print(f"{strategy.name} {setup.describe()}: saved {sum(sizes.values()) / P.MiB:.1f} MiB, "
               f"planned {P.saved_activation_bytes(shape, setup) / P.MiB:.1f} MiB; "
               f"F.linear is {torch.nn.functional.linear.__name__}")

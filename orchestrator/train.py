@@ -380,6 +380,10 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "peak_memory_mb": peaks,
         "planned_peak_memory_mb": [planned_mb] * dist.world_size,
         "load_peak_memory_mb": load_peaks,
+        # CUDA: what the caching allocator reserved at most (an out-of-memory happens there);
+        # the plan's allocator reserve is meant to cover the gap to the allocated peak.
+        "peak_reserved_memory_mb": (round(torch.cuda.max_memory_reserved(dist.device) / MiB, 1)
+                                    if dist.device.type == "cuda" else None),
         "skipped_steps": skipped,
         "holdings_bytes": holdings,
         "base_storage": base_storage,
