@@ -116,6 +116,7 @@ def preflight(cfg) -> None:
     _check_wandb(cfg)
     if model_dir.exists():
         _check_tokenizer(cfg, model_dir)
+        check_family(cfg)
     missing = _missing_packages(cfg.strategy.name)
     if missing:
         raise UsageError(
@@ -298,6 +299,30 @@ def _check_tokenizer(cfg, model_dir: Path) -> None:
             f"model.tokenizer={str(tok_dir)!r} has {size} tokens but the model at "
             f"model.path={cfg.model.path!r} embeds only {vocab}; they do not belong together"
         )
+
+
+def check_family(cfg) -> None:
+    """What the model's family cannot do with this config, refused before any rank loads
+    weights (orchestrator/families.py): an attention implementation the family refuses, FSDP on
+    a model that declares no blocks, 4 bits asked where most weights would stay 16-bit. Built
+    on the meta device from config.json: no memory, seconds for any size."""
+    from orchestrator.families import check_coverage, coverage, decoder_blocks, meta_model
+
+    where = f"model.path={cfg.model.path!r}"
+    try:
+        meta = meta_model(cfg.model.path, cfg.model.attn_implementation, cfg.model.trust_remote_code)
+    except (ValueError, ImportError, OSError, KeyError) as exc:
+        what = (f"model.attn_implementation={cfg.model.attn_implementation!r}"
+                if cfg.model.attn_implementation else where)
+        raise UsageError(f"{what}: {_first_line(exc)}") from exc
+    try:
+        if cfg.quant.method != "none":
+            check_coverage(coverage(meta), cfg.quant.method, cfg.quant.allow_unquantized,
+                           type(meta).__name__)
+        if cfg.strategy.name == "fsdp":
+            decoder_blocks(meta)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}" if "FSDP" in str(exc) else str(exc)) from exc
 
 
 def _missing_packages(strategy: str) -> Optional[str]:

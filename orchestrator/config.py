@@ -53,7 +53,11 @@ class ModelConfig:
     path: str = MISSING
     # Tokenizer location; defaults to the model path.
     tokenizer: Optional[str] = None
-    attn_implementation: str = "sdpa"
+    # null: the family's default, as transformers chooses it (sdpa where the family supports
+    # it; Gemma 2 needs eager); or any value transformers accepts (eager, sdpa,
+    # flash_attention_2, flash_attention_3, flex_attention, a kernels hub id), checked before
+    # launch against the model's family.
+    attn_implementation: Optional[str] = None
     # true | false | auto (the fastest that fits the memory budget, resolved by the launcher;
     # orchestrator/plan/auto.py). Typed Any: structured configs have no Union[bool, str].
     gradient_checkpointing: Any = False
@@ -68,6 +72,10 @@ class QuantConfig:
     # Dtype the packed 4-bit weights are stored in. auto lets the strategy choose (FSDP needs a
     # float storage dtype to shard the base; DDP keeps uint8).
     storage_dtype: str = "auto"
+    # Train anyway when 4-bit quantization would leave more than 5% of the base's matmul
+    # weights in 16/32 bits (fused MoE experts, layer types bitsandbytes does not replace);
+    # by default such a run is refused before launch (orchestrator/families.py).
+    allow_unquantized: bool = False
 
 
 @dataclass
@@ -77,6 +85,10 @@ class LoraConfig:
     dropout: float = 0.05
     # Module names, or ["all-linear"] for every linear layer but the output head.
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Parameters (not modules) that get LoRA as well, e.g. MoE experts fused into 3-D tensors:
+    # ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] (PEFT's target_parameters; it
+    # needs lora.dropout=0).
+    target_parameters: list[str] = field(default_factory=list)
     bias: str = "none"
     use_rslora: bool = False
 
@@ -389,7 +401,6 @@ LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig, "slurm": Slur
 CHOICES: dict[str, tuple[str, ...]] = {
     "quant.method": ("nf4", "fp4", "none"),
     "quant.storage_dtype": ("auto", "uint8", "bf16", "fp16", "fp32"),
-    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
     "lora.bias": ("none", "all", "lora_only"),
     "data.format": ("alpaca", "chat", "text"),
     "data.truncation": ("right", "left", "drop", "error"),
@@ -502,6 +513,10 @@ def validate(cfg: RunConfig) -> None:
         )
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout={cfg.lora.dropout!r} is not allowed; it must be in [0, 1)")
+    if cfg.lora.target_parameters and cfg.lora.dropout != 0.0:
+        raise ConfigError(
+            f"lora.target_parameters={list(cfg.lora.target_parameters)} needs lora.dropout=0 "
+            f"(PEFT applies no dropout to parameter targets), not {cfg.lora.dropout}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(
             f"optim.min_lr_ratio={cfg.optim.min_lr_ratio!r} is not allowed; it must be in [0, 1]"

@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .families import conv1d_weights
 from .model import DTYPES, load_base, load_tokenizer
 
 #: Largest safetensors file written (the sum of its tensors' bytes), as transformers shards.
@@ -116,6 +117,19 @@ def _merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{owner_name}.{attr}" if owner_name else attr, buf
 
 
+def bnb_linear4bit() -> type:
+    import bitsandbytes as bnb
+
+    return bnb.nn.Linear4bit
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    """The layer that computes with weight ``name`` (through a LoRA wrapper to its base layer)."""
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) else module
+
+
 class _ShardWriter:
     """safetensors files of at most ``shard_bytes`` each, named and indexed as transformers
     names them (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus
@@ -184,8 +198,11 @@ def write_merged(model: nn.Module, out: Path, dtype: torch.dtype, tokenizer=None
     tmp.mkdir(parents=True)
     try:
         writer = _ShardWriter(tmp, shard_bytes)
+        conv1d = conv1d_weights(model.config)
         with torch.no_grad():
             for name, tensor in _merged_tensors(model):
+                if name in conv1d and isinstance(_owner(model, name), bnb_linear4bit()):
+                    tensor = tensor.t()  # Conv1D's layout (in, out), quantized as (out, in)
                 cast = tensor.to(dtype) if tensor.is_floating_point() else tensor
                 writer.add(name, cast.to("cpu"))
                 del tensor, cast

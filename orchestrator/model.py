@@ -84,7 +84,14 @@ def load_base(
         **kwargs,
     )
     if qconfig is not None:
+        from .families import check_coverage, coverage, quantize_linear_subclasses
+
+        replaced = quantize_linear_subclasses(model)
+        if replaced:
+            log.info("quantized %d linear layers of a type bitsandbytes' replacement skips (%s, ...)",
+                     len(replaced), replaced[0])
         disable_cpu_repacking(model)
+        check_coverage(coverage(model), quant.method, quant.allow_unquantized)
     if prepare_for_training:
         prepare_loaded(model, model_cfg, quantized=qconfig is not None)
     else:
@@ -103,24 +110,37 @@ def prepare_loaded(model: nn.Module, model_cfg: ModelConfig, quantized: bool) ->
     if quantized:
         from peft import prepare_model_for_kbit_training
 
+        # Weights no 4-bit layer holds (fused MoE experts, 3-D; families.py) keep the dtype they
+        # were loaded in: prepare_model_for_kbit_training would make them fp32, twice the bytes
+        # of the bulk of an MoE base, for matmuls that autocast runs in the compute dtype anyway.
+        fused = {p: p.dtype for p in model.parameters() if p.dim() >= 3}
         prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )
+        for p, dtype in fused.items():
+            p.data = p.data.to(dtype)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
 
 
-def peft_lora_config(lora: LoraConfig):
+def peft_lora_config(lora: LoraConfig, model: Optional[nn.Module] = None):
+    """PEFT's LoraConfig; ``all-linear`` becomes the model's linear layers (families.py says
+    why not PEFT's own ``all-linear``), or PEFT's where no model is at hand."""
     from peft import LoraConfig as PeftLoraConfig
 
-    targets = lora.target_modules
-    target_modules: list[str] | str = "all-linear" if list(targets) == ["all-linear"] else list(targets)
+    targets = list(lora.target_modules)
+    target_modules: list[str] | str = targets
+    if targets == ["all-linear"]:
+        from .families import lora_target_names
+
+        target_modules = lora_target_names(model) if model is not None else "all-linear"
     return PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=target_modules,
+        target_parameters=list(lora.target_parameters) or None,
         bias=lora.bias,
         use_rslora=lora.use_rslora,
         task_type="CAUSAL_LM",
@@ -131,7 +151,7 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     """Wrap the base in a PeftModel; only adapter parameters are trainable (kept in fp32)."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, peft_lora_config(lora), autocast_adapter_dtype=True)
+    peft_model = get_peft_model(model, peft_lora_config(lora, model), autocast_adapter_dtype=True)
     for name, p in peft_model.named_parameters():
         if p.requires_grad and "lora_" not in name and lora.bias == "none":
             raise RuntimeError(f"non-adapter parameter {name} is trainable")
@@ -187,8 +207,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def base_linear_storage(model: nn.Module) -> dict[str, float]:
-    """What the frozen base's linear layers (the ones 4-bit quantization applies to: every
-    Linear but the output head) hold, per parameter, as loaded.
+    """What the frozen base's matmul weights (every Linear but the output head, and fused MoE
+    experts, which no 4-bit layer holds) hold, per parameter, as loaded.
 
     Call before a strategy shards the model (with or without LoRA attached: adapter layers are
     trainable and not counted; on meta tensors only sizes are read). ``bytes_per_param`` counts
@@ -219,6 +239,10 @@ def base_linear_storage(model: nn.Module) -> dict[str, float]:
             params += module.weight.numel()
             scaled += nbytes(module.weight)
         else:
+            for p in module.parameters(recurse=False):  # fused MoE experts: matmul weights too
+                if p.dim() >= 3 and not p.requires_grad:
+                    params += p.numel()
+                    scaled += nbytes(p)
             continue
         if module.bias is not None:
             scaled += nbytes(module.bias)

@@ -22,19 +22,9 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig, ModelConfig, QuantConfig
+from ..families import decoder_blocks
 from .base import Strategy
 from .mesh import build_mesh
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (``model.layers`` for Llama/Mistral/Qwen and kin)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None) if inner is not None else None
-    if layers is None:
-        raise ValueError(
-            f"{type(model).__name__}: cannot find decoder layers at .model.layers to shard"
-        )
-    return list(layers)
 
 
 class FSDPStrategy(Strategy):
@@ -80,7 +70,7 @@ class FSDPStrategy(Strategy):
             mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         offload = CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy()
         kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, ignored_params=ignored)
-        for layer in decoder_layers(hf_model):
+        for layer in decoder_blocks(hf_model):
             fully_shard(layer, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
         fully_shard(hf_model, reshard_after_forward=self.cfg.reshard_after_forward, **kwargs)
         if self._meta:
