@@ -18,15 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import train  # noqa: E402
+from strategies import STRATEGIES  # noqa: E402
 from orchestrator.tiny.families import FAMILIES, MOE, build  # noqa: E402
 
-STRATEGIES = {
-    "ddp": ["strategy=ddp"],
-    "fsdp": ["strategy=fsdp"],
-    "fsdp shard_base": ["strategy=fsdp", "strategy.shard_base=true"],
-    "zero2": ["strategy=deepspeed", "strategy.zero_stage=2"],
-    "zero3": ["strategy=deepspeed", "strategy.zero_stage=3"],
-}
 COMMON = ["launcher.nproc_per_node=2", "trainer.max_steps=2", "trainer.global_batch_size=4",
           "trainer.micro_batch_size=1", "trainer.eval_generate_examples=0", "data.eval_path=null",
           "data.max_seq_len=128", "trainer.save_every=0"]

@@ -113,6 +113,7 @@ def preflight(cfg) -> None:
             "model.path=/path/to/the/downloaded/model"
         )
     check_world(cfg)
+    _check_offload(cfg)
     _check_wandb(cfg)
     if model_dir.exists():
         _check_tokenizer(cfg, model_dir)
@@ -155,6 +156,16 @@ def _resolve_auto(cfg, data) -> None:
     if line:
         print(line, file=sys.stderr if getattr(cfg.launcher, "dry_run", False) else sys.stdout, flush=True)
         check_world(cfg)
+
+
+def _check_offload(cfg) -> None:
+    """FSDP's CPU offload moves parameters from the GPUs to the host; ranks on the CPU have
+    nowhere to offload from (FSDP2 then fails inside the ranks, asking for an accelerator)."""
+    from launch.auto import rank_device
+
+    if getattr(cfg.strategy, "cpu_offload", False) and rank_device(cfg) == "cpu":
+        raise UsageError("strategy.cpu_offload=true offloads from GPUs to the host; these ranks run "
+                         "on the CPU already: leave it false")
 
 
 def _check_wandb(cfg) -> None:

@@ -115,3 +115,14 @@ def test_cuda_plan_bounds_reserved_memory() -> None:
         P.CUDA_CONTEXT_BYTES + 2 * P.NCCL_BYTES)
     cpu = P.plan_for_run(build_config(["strategy=fsdp", *common]), 8, "cpu")
     assert all(P.RESERVE not in p.items for p in cpu.phases)
+
+
+def test_cpu_offload_is_refused_where_ranks_run_on_the_cpu() -> None:
+    from launch.prepare import _check_offload
+
+    cfg = build_config(["strategy=fsdp", "strategy.cpu_offload=true"])
+    if torch.cuda.is_available():  # the ranks would run on GPUs: offloading is what it is for
+        _check_offload(cfg)
+    else:
+        with pytest.raises(UsageError, match="run on the CPU already"):
+            _check_offload(cfg)
