@@ -118,11 +118,21 @@ def curves_figure(run_dirs: Sequence[Path], labels: Optional[Sequence[str]] = No
     return fig
 
 
-def write_curves(run_dirs: Sequence[Path], out: Path, labels: Optional[Sequence[str]] = None) -> Path:
+def write_curves(run_dirs: Sequence[Path], out: Path, labels: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """Draw the curves into ``out``; None (and one warning) where it cannot be written, since
+    a picture is bookkeeping: a full disk at the end of a run must not turn it into a failure."""
+    import io
+
+    from orchestrator.rundir import write_bookkeeping
+
     fig = curves_figure(run_dirs, labels)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    return out if write_bookkeeping(out, buf.getvalue(), "the curves (curves.png)") else None
 
 
 def _expand(paths: Sequence[Path]) -> list[Path]:
@@ -148,7 +158,10 @@ def cmd_report(args: list[str]) -> int:
     if not runs:
         raise UsageError(f"report: {paths[0]} holds no trials with metrics yet")
     default = runs[0] / CURVES if len(runs) == 1 else (paths[0] if len(paths) == 1 else Path.cwd()) / CURVES
-    out = write_curves(runs, Path(outs[0]) if outs else default)
+    target = Path(outs[0]) if outs else default
+    out = write_curves(runs, target)
+    if out is None:  # the report was asked for: its file not being written is the error
+        raise UsageError(f"report: {target} could not be written (see the warning above)")
     for run in runs:
         if (run / "summary.json").exists():
             print(f"{run.name}:\n{summary_table(run)}")

@@ -249,15 +249,52 @@ def frozen_config(run_dir: Path):
 
 # -- state -------------------------------------------------------------------------------
 
-def write_state(run_dir: Path, state: str, **fields: Any) -> None:
-    """Record what the run is doing (atomically: a reader never sees half a file)."""
+_WARNED: set[str] = set()
+
+
+def write_bookkeeping(path: Path, text: "str | bytes", what: str) -> bool:
+    """Write a file that records the run rather than its training (state.json, summary.json,
+    eval answers, curves) atomically, and never let a failed write end the run.
+
+    A full disk, an exceeded quota, an I/O error or a file system remounted read-only (as NFS
+    and Lustre clients do on errors) makes it one warning per kind of file, naming the error;
+    the temporary file is removed and the previous version stays whole. Checkpoints and the
+    adapter are not bookkeeping: their failure stops the run (checkpoint.py). Returns whether
+    the write happened.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if what not in _WARNED:
+            _WARNED.add(what)
+            import logging
+
+            logging.getLogger("orchestrator").warning(
+                "could not write %s (%s: %s); training goes on without it", what, path,
+                exc.strerror or exc)
+        return False
+
+
+def write_state(run_dir: Path, state: str, **fields: Any) -> bool:
+    """Record what the run is doing (atomically: a reader never sees half a file); a write
+    that fails is a warning (write_bookkeeping), and ``orchestrate status`` reads the last one
+    written."""
     assert state in STATES, state
     record = {"state": state, **fields, "host": socket.gethostname(), "pid": os.getpid(),
               "time": _now()}
-    path = Path(run_dir) / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    return write_bookkeeping(Path(run_dir) / STATE_FILE, json.dumps(record, indent=1) + "\n",
+                             f"the run's state ({STATE_FILE})")
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:

@@ -85,10 +85,9 @@ def _write_samples(path: Path, examples, per_rank: list[list[dict]], dist: DistI
     if not dist.is_main:
         return
     rows = sorted((s for rank in per_rank for s in rank), key=lambda s: s["index"])
-    with path.open("w", encoding="utf-8") as f:
-        for s in rows:
-            e = examples[s["index"]]
-            f.write(json.dumps({"prompt": e.prompt, "target": e.target, **s}) + "\n")
+    text = "".join(json.dumps({"prompt": examples[s["index"]].prompt, "target": examples[s["index"]].target,
+                               **s}) + "\n" for s in rows)
+    rundir.write_bookkeeping(path, text, "the final evaluation's answers (eval_samples.jsonl)")
 
 
 def _run_record(cfg: RunConfig, run_dir: Path, dist: DistInfo, strategy: str) -> dict[str, Any]:
@@ -393,7 +392,8 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         **code_info(),  # version, git commit (None outside a clone) and where the code ran from
     }
     if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        rundir.write_bookkeeping(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n",
+                                 "the run's summary (summary.json)")
         rundir.write_state(run_dir, "finished", step=step)
     set_phase("logger finish (W&B upload on rank 0)")
     logger.close()  # after the results are on disk: a slow upload must not hold them back

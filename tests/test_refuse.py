@@ -141,3 +141,45 @@ def test_write_failure_without_a_complete_checkpoint_says_so(small_fs: Path) -> 
         f"removed; there is no complete checkpoint yet; started again with run.dir={run_dir} the "
         "run begins at step 0")
     assert not partial.exists()
+
+
+def test_bookkeeping_writes_on_a_full_or_read_only_disk_warn_once_and_keep_the_old(small_fs: Path,
+                                                                                     caplog) -> None:
+    """state.json, summary.json, eval answers and curves.png record the run; on a really full
+    disk (no room for a small file) or one remounted read-only, each is one warning, the last
+    version written stays whole, and nothing raises (a full disk at the end of a finished run
+    must not turn it into a failure)."""
+    import logging
+
+    from launch.report import write_curves
+    from orchestrator import rundir
+
+    run_dir = small_fs / "run"
+    run_dir.mkdir()
+    assert rundir.write_state(run_dir, "running", step=3)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n')
+    subprocess.run(["dd", "if=/dev/zero", f"of={small_fs / 'fill'}", "bs=64k"], capture_output=True)
+    with pytest.raises(OSError):
+        (small_fs / "probe").write_text("x" * 8192)  # really full
+    rundir._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="orchestrator"):
+        for step in (4, 5):
+            assert not rundir.write_state(run_dir, "failed", step=step, reason="disk full")
+        assert not rundir.write_bookkeeping(run_dir / "summary.json", "{}" * 4096, "the run's summary")
+        assert write_curves([run_dir], run_dir / "curves.png") is None
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 3 and all("No space left on device" in w for w in warnings), warnings
+    assert rundir.read_state(run_dir)["step"] == 3  # the previous state, whole
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "state.json"]  # no temp files
+
+    (small_fs / "fill").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    try:
+        rundir._WARNED.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="orchestrator"):
+            assert not rundir.write_state(run_dir, "failed", step=6)
+        assert "Read-only file system" in caplog.records[0].getMessage()
+        assert rundir.read_state(run_dir)["step"] == 3
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
