@@ -84,6 +84,27 @@ def test_family_quantizes_adapts_and_merges(models, family, tmp_path) -> None:
         assert torch.equal(reloaded(input_ids=ids).logits, want)
 
 
+@pytest.mark.parametrize("family", MOE)
+def test_lora_on_fused_experts_by_name(models, family) -> None:
+    """PEFT's target_parameters reach the 3-D experts; the router stays frozen; the experts
+    stay in the dtype they were loaded in (not upcast to fp32 by the k-bit preparation)."""
+    from orchestrator.config import LoraConfig, ModelConfig, QuantConfig
+    from orchestrator.model import attach_lora, load_base
+
+    base = load_base(ModelConfig(path=str(models[family])), QuantConfig(allow_unquantized=True),
+                     torch.bfloat16, torch.device("cpu"))
+    experts = {n: p.dtype for n, p in base.named_parameters() if p.dim() == 3}
+    assert experts and set(experts.values()) == {torch.bfloat16}
+    model = attach_lora(base, LoraConfig(dropout=0.0, target_parameters=["mlp.experts.gate_up_proj",
+                                                                          "mlp.experts.down_proj"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("experts" in n for n in trainable) and not any(".gate." in n for n in trainable)
+    ids = torch.randint(3, base.config.vocab_size, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if "experts" in n and p.requires_grad)
+
+
 TRAINED = {  # family -> the strategy whose code path it stresses
     "falcon": ["strategy=fsdp", "strategy.shard_base=true"],  # blocks at transformer.h, subclassed linears
     "gpt2": ["strategy=deepspeed", "strategy.zero_stage=3"],  # Conv1D, tied head
