@@ -134,3 +134,25 @@ def test_families_train_on_two_ranks(models, tmp_path) -> None:
                        *common)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: model.attn_implementation='flash_attention_2'"), proc.stderr
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_plan_counts_the_unquantized_experts(models, family) -> None:
+    """The planner holds the experts at the bytes the loaded model holds them in, and plans LoRA
+    on the Linears the model really has (attention only: the MLP is the experts)."""
+    from launch.prepare import build_config
+    from orchestrator import plan as P
+    from orchestrator.config import ModelConfig, QuantConfig
+    from orchestrator.model import attach_lora, load_base
+    from orchestrator.config import LoraConfig
+
+    cfg = build_config([f"model.path={models[family]}", "quant.allow_unquantized=true", "plan.device=cpu"])
+    plan = P.plan_for_run(cfg, 1, "cpu", 2)
+    train = next(p for p in plan.phases if p.name == "train")
+    base = load_base(ModelConfig(path=str(models[family])), QuantConfig(allow_unquantized=True),
+                     torch.bfloat16, torch.device("cpu"))
+    experts = sum(p.numel() * p.element_size() for p in base.parameters() if p.dim() == 3)
+    assert train.items["MoE experts (not quantized, compute dtype)"] == experts
+    model = attach_lora(base, LoraConfig())
+    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert P.lora_params(plan.shape, list(plan.setup.targets), plan.setup.lora_r) == lora

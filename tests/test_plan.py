@@ -45,27 +45,32 @@ def test_shipped_shapes_have_published_parameter_counts(model, published_b):
 
 
 def test_70b_fits_two_24gb_gpus_only_with_the_base_sharded():
-    """QLoRA + FSDP (Answer.AI's FSDP-QLoRA): a 70B model trains on two 24 GB GPUs, but only
-    with the 4-bit base sharded; replicated, it does not fit."""
+    """QLoRA + FSDP (Answer.AI's FSDP-QLoRA): a 70B model trains on two 24 GB GPUs only with the
+    4-bit base sharded, and, as fsdp_qlora runs it there, with CPU offload: sharded but resident,
+    what the allocator allocates fits, and its reserve for fragmentation (an out-of-memory
+    happens at reserved bytes) does not. Replicated, nothing fits."""
     common = ["model=llama2_70b", "plan.gpu_memory_gb=24", *SMALL_BATCH]
     replicated = {
         "ddp": make_plan(common + ["strategy=ddp"], 2),
         "fsdp": make_plan(common + ["strategy=fsdp"], 2),
     }
     sharded = make_plan(common + ["strategy=fsdp", "strategy.shard_base=true"], 2)
+    offloaded = make_plan(common + ["strategy=fsdp", "strategy.shard_base=true", "strategy.cpu_offload=true"], 2)
     for name, plan in replicated.items():
         assert phase(plan, "train").total > 24 * GIB, name
         assert not plan.fits, name
-    assert phase(sharded, "train").total <= 24 * GIB
-    assert phase(sharded, "train").items["4-bit base (NF4 + constants)"] == pytest.approx(
+    train = phase(sharded, "train")
+    assert train.total - train.items[P.RESERVE] <= 24 * GIB < train.total and not sharded.fits
+    assert offloaded.fits
+    assert train.items["4-bit base (NF4 + constants)"] == pytest.approx(
         phase(replicated["fsdp"], "train").items["4-bit base (NF4 + constants)"] / 2)
-    # Loading decides the rest: when every rank first loads the whole 4-bit model, that alone
-    # exceeds 24 GB; when rank 0 loads it on the host and sends shards, the whole run fits.
+    # Loading: when every rank first loads the whole 4-bit model, that alone exceeds 24 GB;
+    # when rank 0 loads it on the host and sends shards, each GPU only ever holds its shard.
     whole = P.plan_memory(sharded.shape, replace(sharded.setup, low_memory_load=False), 24 * GIB)
-    assert phase(whole, "load").total > 24 * GIB and not whole.fits
+    assert phase(whole, "load").total > 24 * GIB
     low = P.plan_memory(sharded.shape, replace(sharded.setup, low_memory_load=True), 24 * GIB)
-    assert low.fits
-    assert sharded.setup.low_memory_load and sharded.fits  # the FSDP default loads low-memory
+    assert phase(low, "load").total <= 24 * GIB
+    assert sharded.setup.low_memory_load  # the FSDP default loads low-memory
 
 
 def test_65b_fits_one_48gb_gpu():
@@ -84,9 +89,9 @@ def test_suggestions_fit_and_name_the_change():
     assert sugg and all(s.plan.fits for s in sugg)
     assert "model.gradient_checkpointing=true" in [s.text for s in sugg]
 
-    # Llama-3-8B, 4 x 1024 tokens per micro-batch, one 24 GB GPU: too big; a smaller
+    # Llama-3-8B, 4 x 1024 tokens per micro-batch, one 32 GB GPU: too big; a smaller
     # micro-batch (or checkpointing) fits, and more DDP ranks would not help.
-    plan = make_plan(["model=llama3_8b", "plan.gpu_memory_gb=24", "data.max_seq_len=1024",
+    plan = make_plan(["model=llama3_8b", "plan.gpu_memory_gb=32", "data.max_seq_len=1024",
                       "trainer.micro_batch_size=4", "trainer.eval_batch_size=1",
                       "model.gradient_checkpointing=false"], 1)
     assert not plan.fits

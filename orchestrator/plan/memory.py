@@ -133,7 +133,7 @@ def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
 
     norms = 2 * 4 * shape.hidden
     attn = b * (4 * shape.q_dim) + 4 * shape.heads
-    mlp = 3 * act * shape.intermediate
+    mlp = 3 * act * shape.mlp_width
     return norms + attn + mlp + sum(lora(n) for n in LAYER_LINEARS)
 
 
@@ -201,6 +201,7 @@ class Plan:
 
 
 OVERHEAD = "framework overhead"
+EXPERTS = "MoE experts (not quantized, compute dtype)"
 RESERVE = "allocator reserve (fragmentation)"
 
 
@@ -216,7 +217,7 @@ def _heap_transient(shape: ModelShape, s: Setup, acts: float, logits: float) -> 
     """The part of a step's transient bytes glibc serves from its heaps (what it can retain):
     each term counts unless its largest tensor is mmap-sized (MMAP_THRESHOLD_BYTES)."""
     tokens = s.micro_batch * s.train_width
-    act_tensor = tokens * max(shape.intermediate, shape.q_dim) * residual_bytes(s)
+    act_tensor = tokens * max(shape.mlp_width, shape.q_dim) * residual_bytes(s)
     logit_tensor = tokens * shape.vocab * 4
     return ((acts if act_tensor < MMAP_THRESHOLD_BYTES else 0.0)
             + (logits if logit_tensor < MMAP_THRESHOLD_BYTES else 0.0))
@@ -249,6 +250,9 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     persistent[label] = base_full / base_div if gpu_resident or not s.base_sharded else 0.0
     persistent["non-quantized params (embeddings, norms, head)"] = (
         other_full / base_div if gpu_resident or not s.base_sharded else 0.0)
+    experts_full = shape.expert_params() * b  # kept in the compute dtype (model.prepare_loaded)
+    if experts_full:
+        persistent[EXPERTS] = experts_full / base_div if gpu_resident or not s.base_sharded else 0.0
     lora_div = shard if s.adapter_sharded else 1
     persistent["LoRA params (fp32)"] = 4 * n_lora / lora_div if gpu_resident else 0.0
     grads = 4 * n_lora
@@ -296,7 +300,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     ev = Phase("eval", dict(persistent))
     ev.items["gradients (fp32)"] = 0.0  # set to None after every optimizer step
     eval_tokens = s.eval_batch * s.eval_width
-    ev.items["activations"] = eval_tokens * (resid * shape.hidden * 2 + 3 * resid * shape.intermediate)
+    ev.items["activations"] = eval_tokens * (resid * shape.hidden * 2 + 3 * resid * shape.mlp_width)
     ev.items["activations"] += eval_tokens * shape.layers * 2 * shape.kv_dim * b  # KV cache (generate)
     ev.items["logits + loss"] = eval_tokens * shape.vocab * (b + 8)
     ev.items[TOKENIZER] = host_tokenizer
@@ -308,9 +312,11 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
         # Rank 0 loads into host memory; each accelerator only ever receives its shards.
         load.items[label] = base_full / shard
         load.items["non-quantized params (embeddings, norms, head)"] = other_full / shard
+        load.items[EXPERTS] = experts_full / shard
     else:  # every rank (or, loading low-memory on CPU, rank 0) holds the whole model at first
         load.items[label] = base_full
         load.items["non-quantized params (embeddings, norms, head)"] = other_full + largest * b
+        load.items[EXPERTS] = experts_full
     load.items[TOKENIZER] = host_tokenizer
     load.items[OVERHEAD] = overhead
     if s.device == "cuda":

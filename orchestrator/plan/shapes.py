@@ -38,6 +38,13 @@ class ModelShape:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     name: str = ""
+    #: Mixture of experts (Mixtral, Qwen-MoE): experts per layer, each a SwiGLU MLP of
+    #: ``expert_intermediate``, ``experts_per_token`` of them per token. Fused into 3-D
+    #: parameters, no 4-bit layer holds them (orchestrator/families.py): they stay in the
+    #: compute dtype, and the layer has no dense MLP Linears.
+    experts: int = 0
+    expert_intermediate: int = 0
+    experts_per_token: int = 0
 
     @property
     def q_dim(self) -> int:
@@ -50,10 +57,20 @@ class ModelShape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each Linear of one decoder layer."""
         h, i = self.hidden, self.intermediate
-        return {
-            "q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-            "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-        }
+        attention = {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                     "o_proj": (self.q_dim, h)}
+        if self.experts:
+            return attention
+        return {**attention, "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def mlp_width(self) -> int:
+        """Intermediate activations per token of one layer's MLP (top-k experts' for MoE)."""
+        return self.experts_per_token * self.expert_intermediate if self.experts else self.intermediate
+
+    def expert_params(self) -> int:
+        """Weights of all fused experts (gate, up and down of each), left unquantized."""
+        return self.layers * self.experts * 3 * self.hidden * self.expert_intermediate
 
     def quantized_params(self) -> int:
         """Weights of all decoder Linears (what bitsandbytes quantizes)."""
@@ -63,12 +80,13 @@ class ModelShape:
         """Embeddings, output head (unless tied), norms and biases (left unquantized)."""
         n = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
         n += self.hidden * (2 * self.layers + 1)
+        n += self.layers * self.experts * self.hidden  # MoE routers
         if self.qkv_bias:
             n += self.layers * (self.q_dim + 2 * self.kv_dim)
         return n
 
     def total_params(self) -> int:
-        return self.quantized_params() + self.other_params()
+        return self.quantized_params() + self.other_params() + self.expert_params()
 
 
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -87,6 +105,7 @@ def read_shape(model_path: str) -> ModelShape:
         raise PlanError(f"{cfg_file}: missing {', '.join(missing)}; the planner reads decoder-only "
                         "(Llama/Mistral/Qwen-style) configs")
     heads = cfg["num_attention_heads"]
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
     return ModelShape(
         hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
         layers=cfg["num_hidden_layers"], heads=heads,
@@ -95,17 +114,21 @@ def read_shape(model_path: str) -> ModelShape:
         vocab=cfg["vocab_size"], tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2",
         name=cfg.get("_name_or_path") or Path(model_path).name,
+        experts=experts,
+        expert_intermediate=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]) if experts else 0,
+        experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
     )
 
 
 def lora_targets(shape: ModelShape, target_modules: list[str]) -> list[str]:
     """The decoder Linears LoRA attaches to (PEFT matches names by suffix; all-linear = all)."""
+    present = [t for t in LAYER_LINEARS if t in shape.linears()]
     if list(target_modules) == ["all-linear"]:
-        return list(LAYER_LINEARS)
-    unknown = [t for t in target_modules if t.split(".")[-1] not in LAYER_LINEARS]
+        return present
+    unknown = [t for t in target_modules if t.split(".")[-1] not in present]
     if unknown:
         raise PlanError(f"lora.target_modules={list(target_modules)!r}: the planner knows "
-                        f"{', '.join(LAYER_LINEARS)} or [all-linear], not {unknown[0]!r}")
+                        f"{', '.join(present)} or [all-linear], not {unknown[0]!r}")
     return [t for t in LAYER_LINEARS if t in {x.split('.')[-1] for x in target_modules}]
 
 
