@@ -57,6 +57,8 @@ def test_dataset_packing_fills_rows_and_resumes_exactly() -> None:
     make = lambda world, micro, r: PackedRowSampler(8, micro, world, r, 5, lengths, 256, "fp")  # noqa: E731
     a, b, one = make(2, 2, 0), make(2, 2, 1), make(1, 4, 0)
     assert a.fill >= 0.97 and sum(lengths) == a.fill * len(a.rows) * 256
+    assert all(sum(lengths[i] for i in row) <= 256 for row in a.rows)  # no row over its capacity
+    assert sorted(i for row in a.rows for i in row) == list(range(len(lengths)))  # each example once
     epoch = [i for step in range(a.steps_per_epoch) for s in (a, b) for mb in s.micro_batches(step)
              for row in mb for i in row]
     dropped = len(a.rows) % 8  # the incomplete last global batch of rows
