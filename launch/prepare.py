@@ -374,7 +374,11 @@ def prepare_run_dir(cfg, overrides: Sequence[str]) -> Path:
             )
         old = yaml.safe_load(frozen.read_text()) or {}
         changed = [k for k in _RUN_IDENTITY if old.get(k) != new.get(k)]
-        if changed:
+        extension = _extension(old.get("trainer") or {}, new["trainer"]) if changed == ["trainer"] else None
+        if extension:
+            print(extension, file=sys.stderr if getattr(cfg.launcher, "dry_run", False) else sys.stdout,
+                  flush=True)
+        elif changed:
             rundir.let_go(run_dir)
             raise UsageError(
                 f"run.dir={run_dir} belongs to a run with a different config ({', '.join(changed)} "
@@ -389,6 +393,34 @@ def prepare_run_dir(cfg, overrides: Sequence[str]) -> Path:
         raise UsageError(f"run.dir={str(run_dir)!r} cannot be written: {exc.strerror or exc} "
                          f"({exc.filename or run_dir})") from exc
     return run_dir
+
+
+#: Settings that may grow on an existing run: the run is extended, everything else must match.
+EXTENDABLE = ("max_steps", "epochs")
+
+
+def _extension(old: dict, new: dict) -> Optional[str]:
+    """The line announcing an extension when ``new`` only raises the run's length over ``old``
+    (trainer.max_steps, or trainer.epochs when steps come from epochs); None otherwise.
+
+    The rule, decided once: the checkpoint resumes as any resume does (adapter, optimizer,
+    sampler position, RNG), and the learning-rate schedule is the one of the new total,
+    continued from the resumed step; the steps already taken keep the rates they had. Under a
+    constant schedule the extended run equals a run trained to the new total in one go; under
+    cosine or linear decay the rate at the resumed step rises to where the longer schedule has
+    it (a restart of the decay, not of warmup)."""
+    if {k for k in set(old) | set(new) if old.get(k) != new.get(k)} - set(EXTENDABLE):
+        return None
+    if new.get("max_steps", 0) > 0 and old.get("max_steps", 0) > 0:
+        if new["max_steps"] <= old["max_steps"]:
+            return None
+        what = f"trainer.max_steps {old['max_steps']} -> {new['max_steps']}"
+    elif new.get("max_steps", 0) <= 0 and old.get("max_steps", 0) <= 0 and new.get("epochs", 0) > old.get("epochs", 0):
+        what = f"trainer.epochs {old.get('epochs')} -> {new['epochs']}"
+    else:
+        return None
+    return (f"extending the run: {what}; it resumes from its latest checkpoint and the "
+            "learning-rate schedule is the new total's, continued from there")
 
 
 def _lock(run_dir: Path) -> None:
