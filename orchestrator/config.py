@@ -89,6 +89,10 @@ class LoraConfig:
     # ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] (PEFT's target_parameters; it
     # needs lora.dropout=0).
     target_parameters: list[str] = field(default_factory=list)
+    # A PEFT LoRA adapter directory (a run's adapter/, or any LoRA adapter for the same base)
+    # whose weights start the training; its r, alpha, rsLoRA and target modules are the run's
+    # (a different value set here is refused before launch).
+    init_from: Optional[str] = None
     bias: str = "none"
     use_rslora: bool = False
 

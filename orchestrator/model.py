@@ -155,7 +155,31 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     for name, p in peft_model.named_parameters():
         if p.requires_grad and "lora_" not in name and lora.bias == "none":
             raise RuntimeError(f"non-adapter parameter {name} is trainable")
+    adapter = [p for n, p in peft_model.named_parameters() if p.requires_grad]
+    if lora.init_from and not any(p.is_meta for p in adapter):  # a meta skeleton is filled later
+        load_adapter_weights(peft_model, lora.init_from)
     return peft_model
+
+
+def load_adapter_weights(peft_model: nn.Module, adapter_dir: str) -> None:
+    """Start the trainable adapter from a saved PEFT adapter (PEFT's own loading, every key
+    accounted for: one the model lacks, or an adapter tensor left at its initial value, is an
+    error rather than a silently partial start)."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    weights = load_peft_weights(adapter_dir, device="cpu")
+    trainable = {n.replace(".default.", "."): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    missing = sorted(set(trainable) - set(weights))
+    unexpected = sorted(set(weights) - set(trainable))
+    if missing or unexpected:
+        raise ValueError(f"lora.init_from={adapter_dir}: the adapter does not fit this model "
+                         f"({(missing or unexpected)[0]} {'missing' if missing else 'unexpected'})")
+    shapes = [n for n, p in trainable.items() if tuple(p.shape) != tuple(weights[n].shape)]
+    if shapes:
+        raise ValueError(f"lora.init_from={adapter_dir}: {shapes[0]} has shape "
+                         f"{tuple(weights[shapes[0]].shape)} there, {tuple(trainable[shapes[0]].shape)} here")
+    set_peft_model_state_dict(peft_model, weights)
 
 
 def load_with_adapter(

@@ -387,6 +387,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "holdings_bytes": holdings,
         "base_storage": base_storage,
         "loss": loss_kind,
+        "init_from": cfg.lora.init_from,  # the adapter training started from (None: fresh LoRA)
         "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint,
                  **sampler.packing_stats()},
         **code_info(),  # version, git commit (None outside a clone) and where the code ran from

@@ -47,3 +47,40 @@ def test_extend_a_finished_run_equals_training_to_the_new_total(tmp_path) -> Non
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     summary = json.loads((extended / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["train_loss_first"] == _losses(one_go)[0][1]
+
+
+@pytest.mark.parametrize("strategy", [["strategy=ddp"], ["strategy=fsdp", "strategy.shard_base=true"]])
+def test_start_from_an_adapter_begins_where_it_ended(two_rank_run, tmp_path, strategy) -> None:
+    """A new run from the shared run's adapter: its evaluation before training is the parent's
+    after training (same eval set, precision and batching), under DDP and FSDP; its LoRA shape
+    is the adapter's; the parent is untouched; a contradicting setting is refused before launch."""
+    from conftest import FAST
+
+    parent = json.loads((two_rank_run / "summary.json").read_text())
+    adapter = two_rank_run / "adapter"
+    before = {f.name: f.read_bytes() for f in adapter.iterdir()}
+    child = tmp_path / "child"
+    overrides = [f"run.dir={child}", "launcher.nproc_per_node=2", *FAST, "trainer.max_steps=2",
+                 "trainer.eval_generate_examples=0", f"lora.init_from={adapter}", *strategy]
+    proc = orchestrate("train", *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((child / "summary.json").read_text())
+    assert summary["init_from"] == str(adapter)
+    assert summary["eval_loss_before"] == pytest.approx(parent["eval_loss_after"], rel=1e-4)
+    assert {f.name: f.read_bytes() for f in adapter.iterdir()} == before  # the parent's adapter
+    refused = orchestrate("train", f"run.dir={tmp_path / 'refused'}", *overrides[1:], "lora.r=8")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "lora.r=8 contradicts the adapter's 16" in refused.stderr
+
+
+def test_adapter_of_another_base_is_refused_before_launch(two_rank_run, tmp_path) -> None:
+    from launch.prepare import UsageError, build_config, check_family
+    from orchestrator.tiny.families import build
+
+    other = build("gpt_neox", tmp_path / "neox")
+    cfg = build_config([f"model.path={other}", f"lora.init_from={two_rank_run / 'adapter'}"])
+    with pytest.raises(UsageError, match=r"adapts model\.layers\.0\..*which GPTNeoXForCausalLM .* does "
+                                         r"not have; was it trained for another base\?"):
+        check_family(cfg)
+    with pytest.raises(UsageError, match="no adapter_config.json there"):
+        check_family(build_config([f"lora.init_from={tmp_path}"]))
