@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from launch.prepare import (
-    UsageError, build_config, check_family, check_world, compose, layout, preflight, prepare_run_dir, ranks_per_node,
+    UsageError, build_config, check_world, compose, layout, preflight, prepare_run_dir, ranks_per_node,
     world_size,
 )
 
@@ -158,6 +158,8 @@ def cmd_plan(args: list[str]) -> int:
     cfg = build_config(args)
     check_world(cfg)
     if (Path(cfg.model.path) / "config.json").exists():
+        from launch.model_checks import check_family
+
         check_family(cfg)  # the same refusals as train: its numbers are for what would load
     try:  # at the data's real lengths where its tokenizer is local, else at data.max_seq_len
         text, fits = report(cfg, world_size(cfg), prepared_lengths(cfg), ranks_per_node(cfg))

@@ -74,7 +74,8 @@ def test_start_from_an_adapter_begins_where_it_ended(two_rank_run, tmp_path, str
 
 
 def test_adapter_of_another_base_is_refused_before_launch(two_rank_run, tmp_path) -> None:
-    from launch.prepare import UsageError, build_config, check_family
+    from launch.model_checks import check_family
+    from launch.prepare import UsageError, build_config
     from orchestrator.tiny.families import build
 
     other = build("gpt_neox", tmp_path / "neox")
