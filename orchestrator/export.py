@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .families import conv1d_weights
+from .families import conv1d_weights, is_4bit
 from .model import DTYPES, load_base, load_tokenizer
 
 #: Largest safetensors file written (the sum of its tensors' bytes), as transformers shards.
@@ -117,12 +117,6 @@ def _merged_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{owner_name}.{attr}" if owner_name else attr, buf
 
 
-def bnb_linear4bit() -> type:
-    import bitsandbytes as bnb
-
-    return bnb.nn.Linear4bit
-
-
 def _owner(model: nn.Module, name: str) -> nn.Module:
     """The layer that computes with weight ``name`` (through a LoRA wrapper to its base layer)."""
     module = model.get_submodule(name.rsplit(".", 1)[0])
@@ -201,7 +195,7 @@ def write_merged(model: nn.Module, out: Path, dtype: torch.dtype, tokenizer=None
         conv1d = conv1d_weights(model.config)
         with torch.no_grad():
             for name, tensor in _merged_tensors(model):
-                if name in conv1d and isinstance(_owner(model, name), bnb_linear4bit()):
+                if name in conv1d and is_4bit(_owner(model, name)):
                     tensor = tensor.t()  # Conv1D's layout (in, out), quantized as (out, in)
                 cast = tensor.to(dtype) if tensor.is_floating_point() else tensor
                 writer.add(name, cast.to("cpu"))

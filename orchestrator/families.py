@@ -61,7 +61,7 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def _is_4bit(module: nn.Module) -> bool:
+def is_4bit(module: nn.Module) -> bool:
     """A bitsandbytes 4-bit layer. Without bitsandbytes imported there can be none, and the
     launcher's checks (meta models) should not import it: its import prints kernel-hub warnings
     that would bury a one-line refusal."""
@@ -124,7 +124,7 @@ def coverage(model: nn.Module) -> Coverage:
     for name, module in model.named_modules():
         if module is head or "lora_" in name:  # the head stays 16-bit; adapters train
             continue
-        if _is_4bit(module):
+        if is_4bit(module):
             cov.quantized += int(torch.Size(module.weight.quant_state.shape).numel()) \
                 if getattr(module.weight, "quant_state", None) is not None else module.in_features * module.out_features
             continue
@@ -220,7 +220,7 @@ def meta_model(path: str, attn_implementation: Optional[str], trust_remote_code:
     attention implementation the family does not support."""
     import logging
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     # The kernels hub client logs that it cannot check publishers offline while transformers
     # looks for an attention kernel: noise beside the launcher's one line, whatever the outcome.
@@ -228,9 +228,7 @@ def meta_model(path: str, attn_implementation: Optional[str], trust_remote_code:
     level, hub_log.level = hub_log.level, logging.ERROR
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
-                                                    trust_remote_code=trust_remote_code)
+        return _on_meta(config, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     finally:
         hub_log.setLevel(level)
 
@@ -241,11 +239,14 @@ def conv1d_weights(config) -> set[str]:
     those transposed back. Read from a meta model of the config (no memory)."""
     import copy
 
-    from transformers import AutoModelForCausalLM
-
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    return {f"{name}.weight" for name, m in _on_meta(config).named_modules() if _is_conv1d(m)}
+
+
+def _on_meta(config, **kwargs) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {f"{name}.weight" for name, m in model.named_modules() if _is_conv1d(m)}
+        return AutoModelForCausalLM.from_config(config, **kwargs)
