@@ -5,14 +5,13 @@
 Both sides train the same model (4-bit NF4 with double quantization, the same compute dtype:
 ``--precision``, bf16 where the hardware has it and fp32 where bf16 would only be emulated), the same
 chat data file (``messages`` rows), LoRA r=16 / alpha 32 / dropout 0.05 on every linear layer,
-AdamW at the same learning rate and schedule, clipping 1.0, packing, activation checkpointing,
-on the same number of gloo ranks under torchrun, with the same global batch in tokens: on
+AdamW at the same learning rate and schedule, clipping 1.0, packing, activation checkpointing
+on or off (``--checkpointing``; both by default, each side run under each), on the same number of gloo ranks under torchrun, with the same global batch in tokens: on
 both sides ``--rows`` rows of ``--max-seq-len`` tokens, the whole set packed once best-fit-
 decreasing (TRL's ``bfd``; orchestrate's ``data.packing_scope=dataset``) and shuffled by row,
 ``--micro`` rows per micro-batch (TRL's ``per_device_train_batch_size``).
 
-TRL's defaults kept (SFTConfig, TRL 1.16): ``gradient_checkpointing=True`` (non-reentrant, as
-ours), ``packing_strategy="bfd"`` (best-fit decreasing, which turns on padding-free batches),
+TRL's defaults kept (SFTConfig, TRL 1.16): non-reentrant checkpointing (as ours) when on, ``packing_strategy="bfd"`` (best-fit decreasing, which turns on padding-free batches),
 its fused chunked LM-head loss and its per-step entropy/accuracy metrics. Set to match ours:
 ``packing=True``, ``max_length``, ``assistant_only_loss=True`` (ours trains on every assistant
 turn: the default tokenizer's ChatML template marks the same ``content<|im_end|>\\n`` spans as
@@ -164,6 +163,7 @@ def trl_worker(args: argparse.Namespace) -> None:
         gradient_accumulation_steps=accum, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=2, weight_decay=0.0, max_grad_norm=1.0, bf16=args.precision == "bf16", use_cpu=not cuda,
         ddp_backend=None if cuda else "gloo", max_length=args.max_seq_len, packing=True,
+        gradient_checkpointing=args.checkpointing == "on",
         assistant_only_loss=True, include_num_input_tokens_seen="non_padding",
         logging_steps=10**9, save_strategy="no", report_to=[], seed=args.seed,
         dataloader_num_workers=0, disable_tqdm=True,
@@ -185,8 +185,8 @@ def trl_worker(args: argparse.Namespace) -> None:
         Path(args.result).write_text(json.dumps({"step_time_s": times, "tokens": tokens, "peak_mb": peaks}))
 
 
-def run_trl(args: argparse.Namespace, out: Path) -> dict:
-    result = out / "trl.json"
+def run_trl(args: argparse.Namespace, out: Path, checkpointing: str) -> dict:
+    result = out / f"trl-checkpointing-{checkpointing}.json"
     if args.reuse and result.exists():
         return summarise(json.loads(result.read_text()), args.warmup)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
@@ -194,7 +194,7 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict:
            "--out", str(out / "trl"), "--model", str(args.model), "--data", str(args.data),
            "--steps", str(args.steps), "--rows", str(args.rows), "--micro", str(args.micro),
            "--max-seq-len", str(args.max_seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
-           "--precision", args.precision]
+           "--precision", args.precision, "--checkpointing", checkpointing]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -209,7 +209,7 @@ def run_ours(args: argparse.Namespace, out: Path, name: str, overrides: list[str
     run = train(out / name, [
         f"model.path={args.model}", "data=jsonl", f"data.path={args.data}", "data.format=chat",
         "data.eval_path=null", f"data.max_seq_len={args.max_seq_len}", "data.truncation=right",
-        "data.packing=true", "data.packing_scope=dataset", f"data.cache_dir={out / 'cache'}", "model.gradient_checkpointing=true",
+        "data.packing=true", "data.packing_scope=dataset", f"data.cache_dir={out / 'cache'}",
         f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.rows}",
         f"trainer.micro_batch_size={args.micro}", f"trainer.precision={args.precision}",
         "trainer.eval_generate_examples=0", "trainer.save_every=0", f"trainer.seed={args.seed}",
@@ -252,6 +252,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                     help="both sides' compute dtype (default: bf16 where the hardware has it, a GPU "
                          "or a CPU with AVX512-BF16/AMX; fp32 where bf16 would only be emulated)")
+    ap.add_argument("--checkpointing", choices=("on", "off", "both"), default="both",
+                    help="activation checkpointing on both sides (default: a table for each)")
     ap.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of rerunning")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--variant", action="append", default=[],
@@ -277,35 +279,45 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.model = args.model or build_model(args.out / f"smollm-qwen-{args.layers}l", args.layers)
     args.data = args.data or build_data(args.out / "chat.jsonl")
-    rows = {}
-    rows["orchestrate train"] = run_ours(args, args.out, "ours", args.extra)
-    for v in args.variant:
-        name, _, ovr = v.partition("=")
-        rows[f"orchestrate train ({name})"] = run_ours(args, args.out, name, [*args.extra, *ovr.split(",")])
-    trl = None if args.skip_trl else run_trl(args, args.out)
+    settings = ("on", "off") if args.checkpointing == "both" else (args.checkpointing,)
+    tables = {c: compare(args, c) for c in settings}
     import torch
     import transformers
 
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    if trl is not None:
+    if not args.skip_trl:
         import trl as trl_mod
 
         versions += f", trl {trl_mod.__version__}"
-    print(f"model {args.model}, data {args.data}, "
+    print(f"model {args.model}, data {args.data}, {args.precision}, "
           f"{args.nproc} ranks, {args.steps} steps ({args.warmup} warm-up), max_seq_len "
           f"{args.max_seq_len}, global batch {args.rows} rows, micro-batch {args.micro} rows; {versions}")
-    print("| run | tokens/s (non-pad) | vs TRL | median step s | tokens/step | peak MB per rank | vs TRL |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    table = ({"TRL SFTTrainer": trl} if trl else {}) | rows
-    for name, r in table.items():
-        speed = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if trl else "-"
-        mem = f"{max(r['peak_mb']) / max(trl['peak_mb']):.2f}x" if trl else "-"
-        peaks = " / ".join(f"{p:,.0f}" for p in r["peak_mb"])
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {speed} | {r['median_step_s']:.1f} | "
-              f"{r['tokens_per_step']:.0f} | {peaks} | {mem} |")
-    for name, r in rows.items():
-        fill = f"packed rows {r['row_fill']:.1%} full over the set" if r["row_fill"] else "step-scoped packing"
-        print(f"{name}: {fill}, non-pad share of the positions it ran {r['non_pad_share']:.3f}")
+    print("| checkpointing | run | tokens/s (non-pad) | vs TRL | median step s | tokens/step | peak MB per rank | vs TRL |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for checkpointing, (trl, rows) in tables.items():
+        table = ({"TRL SFTTrainer": trl} if trl else {}) | rows
+        for name, r in table.items():
+            speed = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if trl else "-"
+            mem = f"{max(r['peak_mb']) / max(trl['peak_mb']):.2f}x" if trl else "-"
+            peaks = " / ".join(f"{p:,.0f}" for p in r["peak_mb"])
+            print(f"| {checkpointing} | {name} | {r['tokens_per_s']:.0f} | {speed} | {r['median_step_s']:.1f} | "
+                  f"{r['tokens_per_step']:.0f} | {peaks} | {mem} |")
+    for checkpointing, (_, rows) in tables.items():
+        for name, r in rows.items():
+            fill = f"packed rows {r['row_fill']:.1%} full over the set" if r["row_fill"] else "step-scoped packing"
+            print(f"checkpointing {checkpointing}, {name}: {fill}, non-pad share of the positions it ran "
+                  f"{r['non_pad_share']:.3f}")
+
+
+def compare(args: argparse.Namespace, checkpointing: str) -> tuple[dict | None, dict]:
+    """(TRL's row or None, orchestrate's rows) with activation checkpointing on or off."""
+    extra = [f"model.gradient_checkpointing={'true' if checkpointing == 'on' else 'false'}", *args.extra]
+    suffix = f"checkpointing-{checkpointing}"
+    rows = {"orchestrate train": run_ours(args, args.out, f"ours-{suffix}", extra)}
+    for v in args.variant:
+        name, _, ovr = v.partition("=")
+        rows[f"orchestrate train ({name})"] = run_ours(args, args.out, f"{name}-{suffix}", [*extra, *ovr.split(",")])
+    return (None if args.skip_trl else run_trl(args, args.out, checkpointing)), rows
 
 
 if __name__ == "__main__":

@@ -76,6 +76,12 @@ class QuantConfig:
     # weights in 16/32 bits (fused MoE experts, layer types bitsandbytes does not replace);
     # by default such a run is refused before launch (orchestrator/families.py).
     allow_unquantized: bool = False
+    # The frozen weights 4-bit quantization leaves in 16/32 bits (embeddings, norms, output head).
+    # compute: kept in the compute dtype, and with them the residual stream and every layer's
+    # activations (TRL's SFTTrainer, torchtune, plain bf16 training). fp32: upcast as PEFT's
+    # prepare_model_for_kbit_training does, an fp32 residual stream: in bf16 about twice the
+    # activation memory (benchmarks/RESULTS.md, issue #28), the older HF QLoRA recipe.
+    frozen_dtype: str = "compute"
 
 
 @dataclass
@@ -405,6 +411,7 @@ LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig, "slurm": Slur
 CHOICES: dict[str, tuple[str, ...]] = {
     "quant.method": ("nf4", "fp4", "none"),
     "quant.storage_dtype": ("auto", "uint8", "bf16", "fp16", "fp32"),
+    "quant.frozen_dtype": ("compute", "fp32"),
     "lora.bias": ("none", "all", "lora_only"),
     "data.format": ("alpaca", "chat", "text"),
     "data.truncation": ("right", "left", "drop", "error"),

@@ -117,6 +117,7 @@ def _skeleton(spec: ModelSpec, model_cfg: ModelConfig, lora: LoraConfig, compute
     if spec.quantized:
         base.hf_quantizer = AutoHfQuantizer.from_config(spec.config.quantization_config)
         disable_cpu_repacking(base)
+    # No cast on the skeleton: _match gives every tensor rank 0's dtype (quant.frozen_dtype's).
     prepare_loaded(base, model_cfg, quantized=bool(spec.quantized))
     model = attach_lora(base, lora)
     _match(model, spec)

@@ -1,8 +1,8 @@
 """Load the frozen base (4-bit NF4/FP4 through bitsandbytes, or 16/32-bit) and attach LoRA.
 
 The same functions serve training, adapter reloading and merging, so a reloaded adapter sees a
-base prepared exactly as during training (prepare_model_for_kbit_training casts norms and
-embeddings to fp32; logits only match when both sides do it).
+base prepared exactly as during training (``quant.frozen_dtype`` decides whether norms and
+embeddings are upcast to fp32; logits only match when both sides do the same).
 """
 
 from __future__ import annotations
@@ -93,35 +93,36 @@ def load_base(
         disable_cpu_repacking(model)
         check_coverage(coverage(model), quant.method, quant.allow_unquantized)
     if prepare_for_training:
-        prepare_loaded(model, model_cfg, quantized=qconfig is not None)
+        prepare_loaded(model, model_cfg, quantized=qconfig is not None, frozen_dtype=quant.frozen_dtype)
     else:
         model.config.use_cache = False
         model.requires_grad_(False)
     return model
 
 
-def prepare_loaded(model: nn.Module, model_cfg: ModelConfig, quantized: bool) -> None:
-    """Freeze the base and prepare it for adapter training (fp32 norms and embeddings, input
-    gradients, activation checkpointing): the same steps wherever the model came from."""
+def prepare_loaded(model: nn.Module, model_cfg: ModelConfig, quantized: bool,
+                   frozen_dtype: str = "compute") -> None:
+    """Freeze the base and prepare it for adapter training (input gradients, activation
+    checkpointing, and with ``frozen_dtype=fp32`` PEFT's fp32 norms and embeddings): the same
+    steps wherever the model came from, so a reloaded adapter sees the base it trained on."""
     model.config.use_cache = False
     model.requires_grad_(False)
-    checkpointing = model_cfg.gradient_checkpointing
-    gc_kwargs = {"use_reentrant": False}
-    if quantized:
-        from peft import prepare_model_for_kbit_training
-
-        # Weights no 4-bit layer holds (fused MoE experts, 3-D; families.py) keep the dtype they
-        # were loaded in: prepare_model_for_kbit_training would make them fp32, twice the bytes
-        # of the bulk of an MoE base, for matmuls that autocast runs in the compute dtype anyway.
-        fused = {p: p.dtype for p in model.parameters() if p.dim() >= 3}
-        prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=gc_kwargs
-        )
-        for p, dtype in fused.items():
-            p.data = p.data.to(dtype)
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if quantized and frozen_dtype == "fp32":
+        upcast_frozen(model)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+
+
+def upcast_frozen(model: nn.Module) -> None:
+    """PEFT's ``prepare_model_for_kbit_training`` cast: every 16-bit parameter that no 4-bit
+    layer holds to fp32, but for fused MoE experts (3-D; families.py), which keep the dtype they
+    were loaded in: fp32 would double the bulk of an MoE base for matmuls that autocast runs in
+    the compute dtype anyway. Done here rather than by PEFT's function, which casts the experts
+    too (a transient copy of the largest tensors) and whose other steps the caller does."""
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16) and p.dim() < 3 and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(torch.float32)
 
 
 def peft_lora_config(lora: LoraConfig, model: Optional[nn.Module] = None):
@@ -152,6 +153,7 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, peft_lora_config(lora, model), autocast_adapter_dtype=True)
+    keep_input_dtype(peft_model)
     for name, p in peft_model.named_parameters():
         if p.requires_grad and "lora_" not in name and lora.bias == "none":
             raise RuntimeError(f"non-adapter parameter {name} is trainable")
@@ -159,6 +161,23 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     if lora.init_from and not any(p.is_meta for p in adapter):  # a meta skeleton is filled later
         load_adapter_weights(peft_model, lora.init_from)
     return peft_model
+
+
+def keep_input_dtype(peft_model: nn.Module) -> None:
+    """Let each LoRA branch take its input in the dtype it arrives in.
+
+    PEFT casts a LoRA layer's input to the adapter weights' dtype (fp32) unless
+    ``torch.is_autocast_enabled()``, which asks about CUDA only: on CPU every branch made an
+    fp32 copy of its input and a dropout mask of that dtype to keep for the backward, twice the
+    bytes of CUDA's for the same run. Every forward of a training model runs under the run's
+    autocast (train, evaluation, generation), which casts the matmul operands as on CUDA; in fp32
+    runs input and weights already agree.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def load_adapter_weights(peft_model: nn.Module, adapter_dir: str) -> None:

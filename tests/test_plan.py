@@ -58,21 +58,25 @@ def test_shipped_shapes_have_published_parameter_counts(model, published_b):
 
 def test_70b_fits_two_24gb_gpus_only_with_the_base_sharded():
     """QLoRA + FSDP (Answer.AI's FSDP-QLoRA): a 70B model trains on two 24 GB GPUs only with the
-    4-bit base sharded, and, as fsdp_qlora runs it there, with CPU offload: sharded but resident,
-    what the allocator allocates fits, and its reserve for fragmentation (an out-of-memory
-    happens at reserved bytes) does not. Replicated, nothing fits."""
+    4-bit base sharded. With embeddings and norms in bf16 (quant.frozen_dtype=compute) it fits
+    resident; upcast to fp32 (PEFT's recipe) what the allocator allocates fits but its reserve
+    for fragmentation (an out-of-memory happens at reserved bytes) does not, and CPU offload
+    makes it fit, as fsdp_qlora runs it there. Replicated, nothing fits."""
     common = ["model=llama2_70b", "plan.gpu_memory_gb=24", *SMALL_BATCH]
     replicated = {
         "ddp": make_plan(common + ["strategy=ddp"], 2),
         "fsdp": make_plan(common + ["strategy=fsdp"], 2),
     }
     sharded = make_plan(common + ["strategy=fsdp", "strategy.shard_base=true"], 2)
-    offloaded = make_plan(common + ["strategy=fsdp", "strategy.shard_base=true", "strategy.cpu_offload=true"], 2)
+    upcast = ["strategy=fsdp", "strategy.shard_base=true", "quant.frozen_dtype=fp32"]
+    sharded_fp32 = make_plan(common + upcast, 2)
+    offloaded = make_plan(common + upcast + ["strategy.cpu_offload=true"], 2)
     for name, plan in replicated.items():
         assert phase(plan, "train").total > 24 * GIB, name
         assert not plan.fits, name
-    train = phase(sharded, "train")
-    assert train.total - train.items[P.RESERVE] <= 24 * GIB < train.total and not sharded.fits
+    assert sharded.fits
+    train = phase(sharded_fp32, "train")
+    assert train.total - train.items[P.RESERVE] <= 24 * GIB < train.total and not sharded_fp32.fits
     assert offloaded.fits
     assert train.items["4-bit base (NF4 + constants)"] == pytest.approx(
         phase(replicated["fsdp"], "train").items["4-bit base (NF4 + constants)"] / 2)

@@ -9,8 +9,8 @@ What each term models, and why:
 - 4-bit base: bitsandbytes packs two weights per byte; its constants are one absmax per block
   of 64 (fp32, or uint8 plus an fp32 per 256 blocks with double quantization): 0.5625 or
   0.51587 bytes per weight (FACTS.md). Every decoder Linear is quantized, the output head not.
-- Non-quantized parameters (embeddings, norms, head, biases): ``prepare_model_for_kbit_training``
-  casts them to fp32; without quantization they stay in the compute dtype.
+- Non-quantized parameters (embeddings, norms, head, biases): in the compute dtype, or fp32 with
+  ``quant.frozen_dtype=fp32`` (PEFT's ``prepare_model_for_kbit_training`` cast).
 - LoRA parameters, gradients and AdamW's two moments are fp32. DDP adds a gradient bucket copy
   (on more than one rank); FSDP2 shards all three; DeepSpeed (run in fp32 mode) keeps an fp32
   partition of the parameters and a gradient bucket of ``reduce_bucket_size`` (5e8) elements,
@@ -100,10 +100,9 @@ MMAP_THRESHOLD_BYTES = 32 * MiB
 
 
 def residual_bytes(s: Setup) -> int:
-    """Bytes per element of the residual stream, Linear outputs and MLP tensors: fp32 around a
-    quantized base (prepare_model_for_kbit_training keeps norms and embeddings in fp32), else
-    the compute dtype."""
-    return 4 if (s.quant != "none" or s.compute_bytes == 4) else s.compute_bytes
+    """Bytes per element of the residual stream, Linear outputs and MLP tensors: the compute
+    dtype's, fp32 when fp32 norms and embeddings promote it (quant.frozen_dtype=fp32)."""
+    return 4 if s.frozen_fp32 else s.compute_bytes
 
 
 def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
@@ -111,7 +110,7 @@ def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
 
     Counted from the code path: RMSNorm saves its fp32 input; a frozen 4-bit Linear saves no
     activation (bitsandbytes keeps only the weight for the input gradient) and returns its
-    input's dtype (fp32 after prepare_model_for_kbit_training); each LoRA branch saves its
+    input's dtype (fp32 only with quant.frozen_dtype=fp32); each LoRA branch saves its
     dropout mask, the compute-dtype input of lora_A and lora_A's output; SDPA saves q, k, v (k
     and v repeated to all heads when a padding mask is given) and its output; the SwiGLU MLP
     saves the gate input, SiLU output and up output. Checked against the tensors autograd
@@ -129,7 +128,11 @@ def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
         in_bytes = b if name == "o_proj" else act  # o_proj reads the attention output
         # Dropout's mask: a bool on CUDA (fused kernel), a tensor of the input's dtype on CPU.
         mask = (1 if s.device == "cuda" else in_bytes) if drop else 0
-        return mask * d_in + b * d_in + b * s.lora_r
+        # lora_A keeps its input: dropout's output, its own; without dropout the layer input
+        # itself, one storage for the branches that read it (q/k/v, gate/up), unless autocast
+        # had to cast it (an fp32 stream), which makes every branch its own copy.
+        shared = not drop and in_bytes == b and name in ("k_proj", "v_proj", "up_proj")
+        return mask * d_in + (0 if shared and _reads_same(name, s.targets) else b * d_in) + b * s.lora_r
 
     norms = 2 * 4 * shape.hidden
     attn = b * (4 * shape.q_dim) + 4 * shape.heads
@@ -137,9 +140,16 @@ def layer_activation_bytes(shape: ModelShape, s: Setup) -> float:
     return norms + attn + mlp + sum(lora(n) for n in LAYER_LINEARS)
 
 
+def _reads_same(name: str, targets: tuple[str, ...]) -> bool:
+    """Whether an earlier adapted projection reads the same input as ``name`` (q for k and v,
+    k for v, gate for up)."""
+    earlier = {"k_proj": ("q_proj",), "v_proj": ("q_proj", "k_proj"), "up_proj": ("gate_proj",)}
+    return any(e in targets for e in earlier[name])
+
+
 def _head_copy_bytes(shape: ModelShape, s: Setup) -> float:
     """Autocast's compute-dtype copy of the fp32 output head, kept for the input gradient."""
-    return shape.vocab * shape.hidden * s.compute_bytes if (s.quant != "none" and s.compute_bytes < 4) else 0.0
+    return shape.vocab * shape.hidden * s.compute_bytes if (s.frozen_fp32 and s.compute_bytes < 4) else 0.0
 
 
 def _saved_loss_bytes(shape: ModelShape, s: Setup) -> float:
@@ -240,7 +250,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     n_q, n_o = shape.quantized_params(), shape.other_params()
     n_lora = lora_params(shape, list(s.targets), s.lora_r)
     base_full = nf4_bytes(n_q, s.double_quant) if quantized else n_q * b
-    other_full = n_o * (4 if quantized else b)
+    other_full = n_o * (4 if s.frozen_fp32 else b)
     shard = s.shard_ranks  # world, or HSDP's shard group
     base_div = shard if s.base_sharded else 1
     gpu_resident = not (s.cpu_offload or s.offload_params)  # sharded state lives in host memory

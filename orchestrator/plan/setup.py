@@ -45,6 +45,9 @@ class Setup:
     # fsdp: HSDP replica groups (strategy.replicate resolved for the job's shape); FSDP shards
     # over world / replicas ranks.
     replicas: int = 1
+    # quant.frozen_dtype=fp32: embeddings, norms and head upcast around a 4-bit base, and with
+    # them the residual stream.
+    frozen_fp32: bool = False
 
     @property
     def shard_ranks(self) -> int:
@@ -114,6 +117,7 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
         train_len=data.train if data else None, eval_len=data.eval if data else None,
         replicas=(getattr(st, "replicate", 1) or max(1, world // (ranks_per_node or world)))
         if st.name == "fsdp" else 1,
+        frozen_fp32=cfg.quant.method != "none" and cfg.quant.frozen_dtype == "fp32",
     )
 
 
