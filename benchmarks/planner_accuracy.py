@@ -1,17 +1,21 @@
 """Planned against measured peak memory per rank, for real short `orchestrate train` runs.
 
-    python benchmarks/planner_accuracy.py [--models tiny 50m] [--steps 8] [--nproc 2]
+    python benchmarks/planner_accuracy.py [--models tiny 50m] [--steps 100] [--precision fp32 bf16]
     python benchmarks/planner_accuracy.py --calibrate     # the CPU constants of orchestrator/plan.py
     python benchmarks/planner_accuracy.py --real --out DIR  # real-size model, real vocabulary and lengths
 
-Each run trains for a few steps under one strategy; train.py writes the planner's expectation
-(`planned_peak_memory_mb`) and the measured peak (`peak_memory_mb`: process RSS on CPU, the
-allocator peak on CUDA) into summary.json, and this script tabulates the error.
+Each run trains under one strategy and precision; train.py writes the planner's expectation
+(`planned_peak_memory_mb`) and the measured peak over the whole run (`peak_memory_mb`: process
+RSS on CPU, the allocator peak on CUDA) into summary.json, and this script tabulates the error,
+beside the peak after the first step (metrics.jsonl): on CPU the process grows over its first
+~50-100 steps (runtime buffers and heap, with any model), so a plan checked against a few steps
+looks better than it is.
 
-`--calibrate` fits the planner's two CPU constants, on models the accuracy table does not use:
-a negligible model (hidden 64, one layer), whose peak is the runtime itself (CPU_RUNTIME_BYTES),
-then the ~17M "20m" model, whose peak above its live bytes is the host allocator's retention,
-as a fraction of a step's transient bytes (CPU_RETENTION).
+`--calibrate` fits the planner's CPU constants, on models the accuracy table does not use:
+a negligible model (hidden 64, one layer), whose fp32 peak is the runtime itself
+(CPU_RUNTIME_BYTES), then the ~17M "20m" model, whose peak above its live bytes is what the host
+keeps beyond them, as a fraction of a step's transient bytes (CPU_RETENTION, per precision: in
+bf16 oneDNN's per-shape kernel buffers add to glibc's retention).
 """
 
 from __future__ import annotations
@@ -31,10 +35,24 @@ COMMON = ["trainer.eval_generate_examples=16", "trainer.eval_max_new_tokens=4", 
 
 def train_run(model_dir: Path, overrides: list[str], steps: int, nproc: int, run_dir: Path,
               reuse: bool = False) -> dict:
-    """The run's summary.json, or {"error": ...}."""
+    """The run's summary.json (plus ``first_step_peak_mb``), or {"error": ...}."""
     out = train(run_dir, [f"model.path={model_dir}", f"trainer.max_steps={steps}",
                           f"launcher.nproc_per_node={nproc}", *COMMON, *overrides], reuse=reuse)
-    return out.get("summary", out)
+    if "summary" not in out:
+        return out
+    first = next((m["peak_memory_mb"] for m in out["metrics"] if "peak_memory_mb" in m), [0.0])
+    return {**out["summary"], "first_step_peak_mb": max(first)}
+
+
+def planned_mb(model_dir: Path, overrides: list[str], nproc: int) -> float:
+    """The peak the planner gives such a run now (a run read back may have logged an older one)."""
+    sys.path.insert(0, str(ROOT))
+    from launch.auto import prepared_lengths
+    from launch.prepare import build_config
+    from orchestrator import plan as P
+
+    cfg = build_config([f"model.path={model_dir}", *COMMON, *overrides])
+    return P.plan_for_run(cfg, nproc, "cpu", data=prepared_lengths(cfg)).measurable_bytes() / P.MiB
 
 
 def planned_items(model_dir: Path, overrides: list[str], nproc: int) -> dict[str, float]:
@@ -91,7 +109,7 @@ def real_table(out: Path, steps: int, nproc: int, extra: list[str]) -> None:
     from orchestrator.config import from_container
 
     def err(planned: float, measured: float) -> str:
-        return f"{planned:.0f} ({100 * (planned - measured) / measured:+.1f}%)"
+        return f"{planned:.0f} ({_err(planned, measured)})"
 
     print("| data | longest row | planned at max_seq_len MB (error) | planned at real lengths MB "
           "(error) | measured MB/rank | tokens/s |")
@@ -115,26 +133,32 @@ def _ok(summary: dict) -> dict:
     return summary
 
 
-def calibrate(tmp: Path, cache: Path, steps: int, nproc: int) -> None:
+def calibrate(tmp: Path, cache: Path, steps: int, nproc: int, precisions: list[str]) -> None:
+    """Fit, per precision, CPU_RUNTIME_BYTES (the negligible model: the runtime, and in bf16
+    oneDNN's kernels, whatever the model) and CPU_RETENTION (the 17M model) over whole runs."""
     from orchestrator import plan as P
 
     micro, mid = build_llama(cache / "micro", "micro"), build_llama(cache / "20m", "20m")
-    runtime: dict[str, float] = {}
-    for name, key in (("ddp", "ddp"), ("fsdp", "fsdp"), ("zero2", "deepspeed")):
-        s = _ok(train_run(micro, STRATEGIES[name], steps, nproc, tmp / f"cal-micro-{name}"))
-        model_mb = sum(v for k, v in planned_items(micro, STRATEGIES[name], nproc).items()
-                       if k not in (P.OVERHEAD, P.RETENTION))
-        runtime[key] = max(s["peak_memory_mb"]) - model_mb
-    retention: dict[str, float] = {}
-    for name, overrides in STRATEGIES.items():
-        s = _ok(train_run(mid, overrides, steps, nproc, tmp / f"cal-20m-{name.replace(' ', '_')}"))
-        items = planned_items(mid, overrides, nproc)
-        live = sum(v for k, v in items.items() if k not in (P.OVERHEAD, P.RETENTION))
-        key = "deepspeed" if name.startswith("zero") else name.split()[0]
-        transient = items[P.RETENTION] / P.CPU_RETENTION[name]  # the heap-sized transient bytes
-        retention[name] = (max(s["peak_memory_mb"]) - runtime[key] - live) / transient
-    print("CPU_RUNTIME_BYTES (MiB):", {k: round(v) for k, v in runtime.items()})
-    print("CPU_RETENTION:", {k: round(v, 2) for k, v in retention.items()})
+    for precision in precisions:
+        half = 2 if precision == "bf16" else 4
+        runtime: dict[str, float] = {}
+        for name, key in (("ddp", "ddp"), ("fsdp", "fsdp"), ("zero2", "deepspeed")):
+            overrides = [*STRATEGIES[name], f"trainer.precision={precision}"]
+            s = _ok(train_run(micro, overrides, steps, nproc, tmp / f"cal-micro-{name}-{precision}"))
+            model_mb = sum(v for k, v in planned_items(micro, overrides, nproc).items()
+                           if k not in (P.OVERHEAD, P.RETENTION))
+            runtime[key] = max(s["peak_memory_mb"]) - model_mb
+        print(f"CPU_RUNTIME_BYTES ({precision}, MiB):", {k: round(v) for k, v in runtime.items()}, flush=True)
+        retention: dict[str, float] = {}
+        for name, overrides in STRATEGIES.items():
+            overrides = [*overrides, f"trainer.precision={precision}"]
+            s = _ok(train_run(mid, overrides, steps, nproc, tmp / f"cal-20m-{name.replace(' ', '_')}-{precision}"))
+            items = planned_items(mid, overrides, nproc)
+            live = sum(v for k, v in items.items() if k not in (P.OVERHEAD, P.RETENTION))
+            key = "deepspeed" if name.startswith("zero") else name.split()[0]
+            transient = items[P.RETENTION] / P.cpu_retention(name, half)  # the heap-sized transient bytes
+            retention[name] = (max(s["peak_memory_mb"]) - runtime[key] - live) / transient
+        print(f"CPU_RETENTION ({precision}):", {k: round(v, 2) for k, v in retention.items()}, flush=True)
 
 
 def model_dirs(names: list[str], tmp: Path) -> dict[str, Path]:
@@ -145,7 +169,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["tiny", "50m"], choices=["tiny", "micro", "20m", "50m", "1b"])
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (the peak is the whole run's)")
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="trainer.precision of the runs (bf16 autocast runs without native bf16 too, slower)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder where built models are kept and reused (default: a temporary one)")
@@ -161,25 +187,32 @@ def main() -> None:
     args = ap.parse_args()
     if args.real:
         out = args.out or Path(tempfile.mkdtemp(prefix="planner-real-"))
-        return real_table(out.resolve(), args.steps if args.steps != 8 else 6, args.nproc, args.extra)
+        return real_table(out.resolve(), args.steps, args.nproc, args.extra)
     with tempfile.TemporaryDirectory() as tmp:
         if args.calibrate:
-            return calibrate(Path(tmp), args.cache or Path(tmp), args.steps, args.nproc)
+            return calibrate(Path(tmp), args.cache or Path(tmp), args.steps, args.nproc, args.precision)
         dirs = model_dirs(args.models, args.cache or Path(tmp))
-        print("| model | strategy | planned MB/rank | measured MB/rank | error |")
-        print("| --- | --- | --- | --- | --- |")
+        print(f"{args.steps} steps per run, {args.nproc} ranks")
+        print("| model | strategy | precision | planned MB/rank | measured MB/rank (whole run) | error "
+              "| measured after step 1 | error |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for model, path in dirs.items():
             for name in args.strategies:
-                run_dir = (args.out or Path(tmp)) / "runs" / f"{model}-{name.replace(' ', '_')}"
-                s = train_run(path, STRATEGIES[name] + args.extra, args.steps, args.nproc, run_dir,
-                              reuse=args.out is not None)
-                if "error" in s:
-                    print(f"| {model} | {name} | failed: {s['error']} | | |", flush=True)
-                    continue
-                measured = max(s["peak_memory_mb"])
-                planned = s["planned_peak_memory_mb"][0]
-                err = f"{100 * (planned - measured) / measured:+.1f}%" if planned else "-"
-                print(f"| {model} | {name} | {planned:.0f} | {measured:.0f} | {err} |", flush=True)
+                for precision in args.precision:
+                    run_dir = (args.out or Path(tmp)) / "runs" / f"{model}-{name.replace(' ', '_')}-{precision}"
+                    overrides = [*STRATEGIES[name], f"trainer.precision={precision}", *args.extra]
+                    s = train_run(path, overrides, args.steps, args.nproc, run_dir, reuse=args.out is not None)
+                    if "error" in s:
+                        print(f"| {model} | {name} | {precision} | failed: {s['error']} | | | | |", flush=True)
+                        continue
+                    measured, first = max(s["peak_memory_mb"]), s["first_step_peak_mb"]
+                    planned = planned_mb(path, overrides, args.nproc)
+                    print(f"| {model} | {name} | {precision} | {planned:.0f} | {measured:.0f} | "
+                          f"{_err(planned, measured)} | {first:.0f} | {_err(planned, first)} |", flush=True)
+
+
+def _err(planned: float, measured: float) -> str:
+    return f"{100 * (planned - measured) / measured:+.1f}%" if planned and measured else "-"
 
 
 if __name__ == "__main__":

@@ -77,6 +77,24 @@ def use_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
+#: Primitives oneDNN keeps per matmul shape (its own cache and PyTorch's ideep LRU over it, both
+#: 1024 entries by default), each with buffers that grow with the shape: on CPU in bf16 every
+#: new batch width adds its own set, so an unpacked run's resident memory grew with every width
+#: it met: +1.26 GB over 80 widths on the tiny model, +1.17 GB over 40 on a 17M one, where fp32
+#: (no oneDNN) grew by 12 MB (benchmarks/RESULTS.md, "bf16 memory"). 256 entries hold a few
+#: widths' sets: on the 300-step demo 7% slower than the default and 75 MB lower; 64 or 128
+#: bounded the growth more but recreated a step's own primitives (21% slower).
+CPU_KERNEL_CACHE_ENTRIES = 256
+
+
+def bound_cpu_kernel_caches() -> None:
+    """Cap oneDNN's per-shape kernel caches (CPU_KERNEL_CACHE_ENTRIES). Read when the first
+    oneDNN primitive is made, so this runs before the model's first op; a setting of the user's
+    (either variable) is kept. fp32 matmuls on CPU do not go through oneDNN: no effect there."""
+    for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(var, str(CPU_KERNEL_CACHE_ENTRIES))
+
+
 def init_distributed(timeout_s: int = 600, cpu_collectives: bool = False) -> DistInfo:
     """Join the process group torchrun (or Slurm via torchrun) set up; world 1 without one.
 
@@ -87,6 +105,7 @@ def init_distributed(timeout_s: int = 600, cpu_collectives: bool = False) -> Dis
     """
     set_phase("process group start-up (rendezvous)")
     use_expandable_segments()
+    bound_cpu_kernel_caches()
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))

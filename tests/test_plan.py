@@ -206,8 +206,11 @@ def test_training_records_planned_and_measured_peaks(two_rank_run):
     summary = json.loads((two_rank_run / "summary.json").read_text())
     planned, measured = summary["planned_peak_memory_mb"], summary["peak_memory_mb"]
     assert len(planned) == len(measured) == 2
+    # The plan bounds the whole run's peak (on CPU the process grows over its first ~100 steps,
+    # in bf16 by oneDNN's per-shape kernels): this 12-step run may sit below it, never more than
+    # 10% above. benchmarks/planner_accuracy.py tracks the error over whole runs, both precisions.
     for p, m in zip(planned, measured):
-        assert p == pytest.approx(m, rel=0.3)  # RSS varies by machine; benchmarks track the error
+        assert 0.9 * m <= p <= 1.3 * m, (summary["precision"], planned, measured)
 
 
 @pytest.mark.parametrize("strategy,kind", [
@@ -215,9 +218,10 @@ def test_training_records_planned_and_measured_peaks(two_rank_run):
     (["strategy=deepspeed", "strategy.zero_stage=3"], "zero3"),
 ])
 def test_cpu_plans_add_host_allocator_retention(strategy, kind):
-    cpu = phase(make_plan([*strategy, "plan.device=cpu"], 2), "train").items
+    plan = make_plan([*strategy, "plan.device=cpu"], 2)
+    cpu = phase(plan, "train").items
     transient = cpu["activations"] + cpu["logits + loss"]
-    assert cpu[P.RETENTION] == pytest.approx(P.CPU_RETENTION[kind] * transient)
+    assert cpu[P.RETENTION] == pytest.approx(P.cpu_retention(kind, plan.setup.compute_bytes) * transient)
     # Not on CUDA (live allocator bytes), nor when the user states the overhead themselves.
     assert P.RETENTION not in phase(make_plan([*strategy, "plan.device=cuda"], 2), "train").items
     given = phase(make_plan([*strategy, "plan.device=cpu", "plan.overhead_gb=1"], 2), "train").items

@@ -17,7 +17,7 @@ from .comm import CommPlan, JobShape, comm_plan, comm_plan_for_run, compute_seco
 from .auto import AutoChoice, candidates, choose, host_available, memory_budget
 from .lengths import DataLengths, data_lengths, example_lengths, longest_drawn
 from .memory import (
-    CPU_RETENTION, CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, DEEPSPEED_BUCKET_ELEMENTS, NCCL_BYTES,
+    CPU_RETENTION, CPU_RUNTIME_BYTES, cpu_retention, CUDA_CONTEXT_BYTES, DEEPSPEED_BUCKET_ELEMENTS, NCCL_BYTES,
     CUDA_ALLOCATOR_RESERVE, OVERHEAD, RESERVE, RETENTION, TOKENIZER, TOKENIZER_BYTES_PER_ENTRY, Phase, Plan, layer_activation_bytes,
     plan_memory, residual_bytes, saved_activation_bytes,
 )
@@ -30,7 +30,7 @@ from .suggest import Suggestion, phase_total, suggest
 
 __all__ = [
     "AutoChoice", "CommPlan", "JobShape", "comm_plan", "comm_plan_for_run", "compute_seconds",
-    "format_comm", "CPU_RETENTION", "CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "DEEPSPEED_BUCKET_ELEMENTS",
+    "format_comm", "CPU_RETENTION", "cpu_retention", "CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "DEEPSPEED_BUCKET_ELEMENTS",
     "DataLengths", "GiB", "LAYER_LINEARS", "MiB", "ModelShape", "NCCL_BYTES", "OVERHEAD", "RESERVE", "CUDA_ALLOCATOR_RESERVE", "Phase",
     "Plan", "PlanError", "RETENTION", "Setup", "Suggestion", "TOKENIZER", "TOKENIZER_BYTES_PER_ENTRY",
     "candidates", "choose",

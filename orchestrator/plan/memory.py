@@ -57,33 +57,61 @@ NCCL_BYTES = int(0.5 * GiB)
 #: default allocator, less with expandable segments, which the ranks turn on
 #: (distributed.py).
 CUDA_ALLOCATOR_RESERVE = 0.10
-#: Peak RSS per rank of `orchestrate train` with a negligible model (hidden 64, 1 layer, 8
-#: steps with evaluation), by strategy, less that model's own planned bytes (~7 MB): measured
-#: by ``benchmarks/planner_accuracy.py --calibrate`` on the 2-core build machine (torch 2.13
-#: CPU, 2 gloo ranks, the datasets/pyarrow data pipeline loaded; 627/629/655 MB). Override
-#: with plan.overhead_gb elsewhere.
+#: Peak RSS per rank of `orchestrate train` with a negligible model (hidden 64, 1 layer, fp32,
+#: 100 steps with evaluation), by strategy, less that model's own planned bytes (~7 MB):
+#: measured by ``benchmarks/planner_accuracy.py --calibrate --steps 100`` on the 2-core build
+#: machine (torch 2.13 CPU, AVX512-BF16, 2 gloo ranks, the datasets/pyarrow data pipeline
+#: loaded), 2026-12-06. Override with plan.overhead_gb elsewhere.
 CPU_RUNTIME_BYTES = {
-    "ddp": int(620 * MiB),
-    "fsdp": int(622 * MiB),
-    "deepspeed": int(648 * MiB),
+    "ddp": int(526 * MiB),
+    "fsdp": int(526 * MiB),
+    "deepspeed": int(557 * MiB),
+}
+#: The same in bf16 (and fp16), where oneDNN runs the matmuls and keeps compiled kernels per
+#: shape (up to distributed.CPU_KERNEL_CACHE_ENTRIES), a part that does not grow with the model
+#: (``--calibrate --precision bf16``; the fp32 runs of that negligible model peak ~180 MB lower).
+CPU_RUNTIME_BYTES_HALF = {
+    "ddp": int(705 * MiB),
+    "fsdp": int(713 * MiB),
+    "deepspeed": int(735 * MiB),
 }
 
-#: Host allocator retention on CPU, as a fraction of a training step's transient bytes
-#: (activations and logits; the heap-sized ones, see MMAP_THRESHOLD_BYTES), by strategy kind.
-#: glibc keeps freed activation memory in its heaps, fragmented, and later steps grow the
-#: heaps instead of reusing it, so peak RSS exceeds the live peak by an amount that scales
-#: with what a step allocates and frees, and with how the strategy allocates (FSDP's
-#: all-gathers, ZeRO-3's parameter gathers add their own churn).
-#: Fitted on one held-out model (~17M parameters, ``planner_accuracy.py --calibrate``) and
-#: checked on the 3M and 50M models (benchmarks/RESULTS.md). Not applied on CUDA, where the
-#: measured peak is the caching allocator's live bytes.
+#: What the host keeps beyond the live bytes on CPU over a whole run, as a fraction of a training
+#: step's transient bytes (activations and logits; the heap-sized ones, see
+#: MMAP_THRESHOLD_BYTES), by strategy kind. glibc keeps freed activation memory in its heaps,
+#: fragmented, and later steps grow the heaps instead of reusing it; FSDP's all-gathers and
+#: ZeRO-3's parameter gathers add their own churn. Fitted over 100-step runs of one held-out
+#: model (~17M parameters, ``planner_accuracy.py --calibrate``) and checked on the 3M and 50M
+#: models (benchmarks/RESULTS.md). Not applied on CUDA, where the measured peak is the caching
+#: allocator's live bytes.
 CPU_RETENTION = {
-    "ddp": 0.47,
-    "fsdp": 0.53,
-    "fsdp shard_base": 0.79,
-    "zero2": 0.65,
-    "zero3": 1.51,
+    "ddp": 1.45,
+    "fsdp": 1.88,
+    "fsdp shard_base": 1.99,
+    "zero2": 1.11,
+    "zero3": 2.26,
 }
+#: The same in bf16 (and fp16): oneDNN runs those matmuls and keeps kernels with buffers per
+#: shape, up to distributed.CPU_KERNEL_CACHE_ENTRIES of them, on top of glibc's retention.
+CPU_RETENTION_HALF = {
+    "ddp": 2.29,
+    "fsdp": 2.83,
+    "fsdp shard_base": 2.43,
+    "zero2": 2.77,
+    "zero3": 3.32,
+}
+
+
+def cpu_runtime(strategy: str, compute_bytes: int) -> float:
+    """The CPU runtime's own resident bytes under a strategy at a compute dtype's width."""
+    return float((CPU_RUNTIME_BYTES if compute_bytes == 4 else CPU_RUNTIME_BYTES_HALF)[strategy])
+
+
+def cpu_retention(kind: str, compute_bytes: int) -> float:
+    """The retention factor of a strategy kind (Setup.kind) at a compute dtype's width."""
+    return (CPU_RETENTION if compute_bytes == 4 else CPU_RETENTION_HALF)[kind]
+
+
 RETENTION = "host allocator retention (CPU)"
 #: Live host bytes a loaded fast tokenizer keeps per vocabulary entry (vocabulary, merges,
 #: added-token tables), beyond the embedded 128-token one the runtime constant already holds:
@@ -238,7 +266,7 @@ def _overhead(s: Setup) -> float:
         return float(s.overhead_bytes)
     if s.device == "cuda":
         return CUDA_CONTEXT_BYTES + NCCL_BYTES * _communicators(s)
-    return float(CPU_RUNTIME_BYTES[s.strategy])
+    return cpu_runtime(s.strategy, s.compute_bytes)
 
 
 def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
@@ -303,7 +331,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     train.items["activations"] = acts
     train.items["logits + loss"] = logits
     if s.device == "cpu" and s.overhead_bytes is None:
-        train.items[RETENTION] = CPU_RETENTION[s.kind] * _heap_transient(shape, s, acts, logits)
+        train.items[RETENTION] = cpu_retention(s.kind, b) * _heap_transient(shape, s, acts, logits)
     train.items[TOKENIZER] = host_tokenizer
     train.items[OVERHEAD] = overhead
 
