@@ -142,7 +142,15 @@ class DataConfig:
     )
     # Template for rows whose input field is empty or absent.
     prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+    # The field holding a conversation; when a row lacks the default "messages" its
+    # "conversations" is read (ShareGPT's field).
     messages_field: str = "messages"
+    # Keys of a message's role and text: null reads role/content, or from/value in a message that
+    # has those instead (ShareGPT). Role names are mapped onto the template's: ShareGPT's human,
+    # gpt, observation and function are known; role_map adds to or overrides them.
+    role_field: Optional[str] = None
+    content_field: Optional[str] = None
+    role_map: dict[str, str] = field(default_factory=dict)
     # Jinja chat template (inline, or a path to a .jinja file) for tokenizers without one.
     chat_template: Optional[str] = None
     text_field: str = "text"

@@ -298,3 +298,41 @@ def test_packed_loss_equals_one_by_one(tokenizer, attn) -> None:
     assert batch["input_ids"].shape[0] < len(examples)
     assert abs(packed - one_by_one) <= 1e-5 * one_by_one, (packed, one_by_one)
     assert abs(leaky - one_by_one) > 1e-2 * one_by_one
+
+
+def test_sharegpt_and_mapped_layouts_train_exactly_as_messages(tokenizer, tmp_path) -> None:
+    """ShareGPT rows (conversations, from/value, human/gpt) and a layout of the user's own
+    (data.role_field / content_field / role_map) give the tokens and masks of the same
+    conversation as role/content messages, under several chat templates."""
+    from chat_templates import TEMPLATES
+
+    turns = [("system", "Answer briefly."), ("user", "Reverse tour"), ("assistant", "ruot"),
+             ("user", "Uppercase open"), ("assistant", "OPEN")]
+    messages = {"messages": [{"role": r, "content": c} for r, c in turns]}
+    sharegpt_names = {"user": "human", "assistant": "gpt", "system": "system"}
+    sharegpt = {"conversations": [{"from": sharegpt_names[r], "value": c} for r, c in turns]}
+    own = {"dialog": [{"speaker": {"user": "person", "assistant": "bot"}.get(r, r), "text": c} for r, c in turns]}
+    own_cfg = {"messages_field": "dialog", "role_field": "speaker", "content_field": "text",
+               "role_map": {"person": "user", "bot": "assistant"}}
+    for template in (None, TEMPLATES["chatml"], TEMPLATES["llama3"]):
+        def examples(row: dict, name: str, **settings) -> tuple:
+            path = tmp_path / f"{name}.jsonl"
+            path.write_text(json.dumps(row) + "\n")
+            cfg = DataConfig(path=str(path), format="chat", max_seq_len=256, chat_template=template, **settings)
+            (ex,) = load_examples(cfg.path, tokenizer, cfg)
+            return ex.input_ids, ex.labels, ex.prompt_ids, ex.target
+
+        reference = examples(messages, "messages")
+        assert examples(sharegpt, "sharegpt") == reference
+        assert examples(own, "own", **own_cfg) == reference
+    # What a row without a recognisable conversation is told.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversations": [{"speaker": "bot", "text": "hi"}]}) + "\n"
+                   + json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: message 0 needs a string 'role'.*data.role_field"):
+        check_rows(str(bad), DataConfig(path=str(bad), format="chat"))
+    with pytest.raises(DataError, match=r"bad.jsonl:1: no assistant message.*roles bot.*data.role_map"):
+        check_rows(str(bad), DataConfig(path=str(bad), format="chat", role_field="speaker", content_field="text"))
+    with pytest.raises(DataError, match=r"bad.jsonl:2: message 0 needs a string 'speaker'"):  # row 1 now passes
+        check_rows(str(bad), DataConfig(path=str(bad), format="chat", role_field="speaker",
+                                        content_field="text", role_map={"bot": "assistant"}))

@@ -62,23 +62,48 @@ def _text(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
     return Formatted([(text, True)], 0, text, True, True)
 
 
-def check_messages(row: dict, cfg: DataConfig, where: str) -> list[dict]:
-    messages = row.get(cfg.messages_field)
+#: ShareGPT's role names (with LLaMA-Factory's sharegpt tool roles) onto the chat templates'.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "observation": "tool", "function": "tool"}
+
+
+def conversation(row: dict, cfg: DataConfig, where: str) -> list[dict]:
+    """A row's conversation as ``{"role", "content"}`` messages with the templates' role names,
+    whatever layout it came in (OpenAI/TRL messages, ShareGPT, or data.role_field /
+    data.content_field / data.role_map)."""
+    name = cfg.messages_field
+    if row.get(name) is None and name == "messages" and row.get("conversations") is not None:
+        name = "conversations"
+    messages = row.get(name)
     if messages is None:
-        raise DataError(f"{where}: missing field {cfg.messages_field!r}")
+        raise DataError(f"{where}: missing field {name!r}")
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field {cfg.messages_field!r} must be a non-empty list of messages, "
+        raise DataError(f"{where}: field {name!r} must be a non-empty list of messages, "
                         f"got {type(messages).__name__ if not isinstance(messages, list) else 'an empty list'}")
+    roles = {**SHAREGPT_ROLES, **cfg.role_map}
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise DataError(f"{where}: message {i} must be an object with role and content, got {type(m).__name__}")
-        for key in ("role", "content"):
+        keys = (cfg.role_field or ("from" if "from" in m and "role" not in m else "role"),
+                cfg.content_field or ("value" if "value" in m and "content" not in m else "content"))
+        for key in keys:
             if not isinstance(m.get(key), str):
                 got = "nothing" if m.get(key) is None else type(m.get(key)).__name__
-                raise DataError(f"{where}: message {i} needs a string {key!r}, got {got}")
+                raise DataError(f"{where}: message {i} needs a string {key!r}, got {got} (messages are read "
+                                "as role/content or ShareGPT's from/value; set data.role_field and "
+                                "data.content_field for other keys)")
+        out.append({"role": roles.get(m[keys[0]], m[keys[0]]), "content": m[keys[1]]})
+    return out
+
+
+def check_messages(row: dict, cfg: DataConfig, where: str) -> list[dict]:
+    """The row's conversation (``conversation``), refused when nothing in it is trained."""
+    messages = conversation(row, cfg, where)
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message to train on")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        seen = sorted({m["role"] for m in messages})
+        raise DataError(f"{where}: no assistant message to train on (roles {', '.join(seen)}; "
+                        "data.role_map maps other names onto user/assistant/system/tool)")
+    return messages
 
 
 def chat_template(cfg: DataConfig, tokenizer) -> str:

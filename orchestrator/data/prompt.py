@@ -7,7 +7,7 @@ import dataclasses
 from typing import Optional
 
 from ..config import DataConfig
-from .formats import format_row
+from .formats import conversation, format_row
 from .sources import DataError
 from .tokenize import fit, tokenize_batch
 
@@ -35,17 +35,16 @@ def prepare_prompt(cfg: DataConfig, tokenizer, row: dict, where: str = "prompt")
         if not isinstance(text, str):
             raise DataError(f"{where}: field {cfg.text_field!r} must be a string")
         return tokenizer(text, add_special_tokens=True)["input_ids"]
-    row = dict(row)
+    row, settings = dict(row), cfg
     if cfg.format == "alpaca":
         row[cfg.output_field] = ""
     else:
-        messages = row.get(cfg.messages_field)
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: field {cfg.messages_field!r} must be a non-empty list of messages")
-        if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        messages = conversation(row, cfg, where)
+        if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        row[cfg.messages_field] = [*messages, {"role": "assistant", "content": ""}]
-    settings = dataclasses.replace(cfg, max_seq_len=_NO_LIMIT, train_on_prompt=False, truncation="right")
+        row = {cfg.messages_field: [*messages, {"role": "assistant", "content": ""}]}
+        settings = dataclasses.replace(cfg, role_field=None, content_field=None)  # role/content now
+    settings = dataclasses.replace(settings, max_seq_len=_NO_LIMIT, train_on_prompt=False, truncation="right")
     formatted = format_row(row, settings, where, tokenizer)
     fitted, _ = fit(formatted, tokenize_batch([formatted], tokenizer, settings)[0], settings, where)
     return list(fitted.ids[: fitted.prompt_len])
