@@ -106,7 +106,8 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     # alpaca: instruction / optional input / output fields; chat: a list of {role, content}
-    # messages rendered with the tokenizer's chat template; text: raw text (continued pretraining).
+    # messages rendered with the tokenizer's chat template; text: raw text (continued pretraining);
+    # prompt_completion: TRL's prompt/completion rows, plain or conversational.
     format: str = "alpaca"
     # A local .jsonl, .json, .parquet or .csv file, or a directory of such shards.
     path: str = MISSING
@@ -154,6 +155,9 @@ class DataConfig:
     # Jinja chat template (inline, or a path to a .jinja file) for tokenizers without one.
     chat_template: Optional[str] = None
     text_field: str = "text"
+    # prompt_completion (TRL's): two strings, or two lists of messages; the loss is on the completion.
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
     # Worker processes that tokenize (null: the cores of the machine that prepares the data).
     num_proc: Optional[int] = None
 
@@ -421,7 +425,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.storage_dtype": ("auto", "uint8", "bf16", "fp16", "fp32"),
     "quant.frozen_dtype": ("compute", "fp32"),
     "lora.bias": ("none", "all", "lora_only"),
-    "data.format": ("alpaca", "chat", "text"),
+    "data.format": ("alpaca", "chat", "text", "prompt_completion"),
     "data.truncation": ("right", "left", "drop", "error"),
     "data.on_bad_row": ("error", "skip"),
     "data.packing_scope": ("step", "dataset"),

@@ -336,3 +336,37 @@ def test_sharegpt_and_mapped_layouts_train_exactly_as_messages(tokenizer, tmp_pa
     with pytest.raises(DataError, match=r"bad.jsonl:2: message 0 needs a string 'speaker'"):  # row 1 now passes
         check_rows(str(bad), DataConfig(path=str(bad), format="chat", role_field="speaker",
                                         content_field="text", role_map={"bot": "assistant"}))
+
+
+def test_prompt_completion_rows_train_on_the_completion_only(tokenizer, tmp_path) -> None:
+    """TRL's prompt/completion rows: plain ones as prompt and completion apart (the completion
+    and EOS trained), conversational ones rendered as the whole conversation with only the
+    completion's assistant turn trained; generate's prompt ends where the completion starts."""
+    from chat_templates import TEMPLATES
+    from orchestrator.data.prompt import prepare_prompt
+
+    plain = {"prompt": "The capital of France is", "completion": " Paris."}
+    cfg = DataConfig(path=_write(tmp_path, [json.dumps(plain)]), format="prompt_completion")
+    (ex,) = load_examples(cfg.path, tokenizer, cfg)
+    assert _trained_text(tokenizer, ex) == tokenizer.decode(
+        tokenizer(" Paris.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    assert prepare_prompt(cfg, tokenizer, {"prompt": plain["prompt"]}) == ex.prompt_ids
+    turns = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Reverse tour"},
+             {"role": "assistant", "content": "ruot"}, {"role": "user", "content": "Uppercase open"},
+             {"role": "assistant", "content": "OPEN"}]
+    for template in (None, TEMPLATES["chatml"]):
+        path = tmp_path / "pc.jsonl"
+        path.write_text(json.dumps({"prompt": turns[:4], "completion": turns[4:]}) + "\n")
+        pc = DataConfig(path=str(path), format="prompt_completion", chat_template=template, max_seq_len=256)
+        chat = DataConfig(path=_write(tmp_path, [json.dumps({"messages": turns})]), format="chat",
+                          chat_template=template, max_seq_len=256)
+        (a,), (b,) = load_examples(pc.path, tokenizer, pc), load_examples(chat.path, tokenizer, chat)
+        assert a.input_ids == b.input_ids and a.prompt_ids == b.prompt_ids and a.target == "OPEN"
+        trained = [i for i, lab in enumerate(a.labels) if lab != IGNORE_INDEX]
+        assert trained and set(trained) < {i for i, lab in enumerate(b.labels) if lab != IGNORE_INDEX}
+        assert "OPEN" in _trained_text(tokenizer, a) and "ruot" not in _trained_text(tokenizer, a)
+        assert prepare_prompt(pc, tokenizer, {"prompt": turns[:4]}) == a.prompt_ids
+    bad = _write(tmp_path, [json.dumps({"prompt": "x", "completion": ["y"]})])
+    with pytest.raises(DataError, match=r"data.jsonl:1: fields 'prompt' and 'completion' must be two strings "
+                                        r"or two lists of messages, got str and list"):
+        check_rows(bad, DataConfig(path=bad, format="prompt_completion"))

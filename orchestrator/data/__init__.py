@@ -24,7 +24,7 @@ from . import pipeline
 from .cache import ExampleSet, cache_root, example_lengths, fingerprint, lookup, new_entry, publish
 from .budget import PackedRowSampler, TokenBudgetSampler
 from .collate import collate, collate_packed, collate_rows, model_inputs, pack_rows
-from .formats import chat_template, check_messages, format_alpaca, format_row
+from .formats import chat_template, check_messages, format_alpaca, format_row, prompt_completion
 from .prompt import prepare_prompt, prompt_row
 from .sampler import StepSampler, eval_shard
 from .sources import DataError, Source, chunk_rows, data_files, read_rows
@@ -58,6 +58,8 @@ class Splits:
 def _check_row(row: dict, cfg: DataConfig, where: str) -> None:
     if cfg.format == "chat":
         check_messages(row, cfg, where)
+    elif cfg.format == "prompt_completion":  # conversational rows need the template: checked later
+        prompt_completion(row, cfg, where)
     else:
         format_row(row, cfg, where, None)
 

@@ -125,18 +125,27 @@ def chat_template(cfg: DataConfig, tokenizer) -> str:
 def _chat(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
     """Assistant turns (content and end-of-turn marker) are the trained segments, located in
     one render of the conversation (chat.py says how, and when it renders prefix by prefix)."""
+    return _rendered(check_messages(row, cfg, where), 0, cfg, where, tokenizer)
+
+
+def _rendered(messages: list[dict], first_trained: int, cfg: DataConfig, where: str, tokenizer) -> Formatted:
+    """A conversation rendered with the run's template; the assistant turns from message
+    ``first_trained`` on are trained."""
     from .chat import renderer
 
-    messages = check_messages(row, cfg, where)
     rendered = renderer(chat_template(cfg, tokenizer), tokenizer).render(messages, where)
     full = rendered.text
     segments: list[tuple[str, bool]] = []
     at = 0
-    for start, end in rendered.spans:
-        segments += [(full[at:start], False), (full[start:end], True)]
-        at = end
+    turns = [i for i in rendered.turns if i >= first_trained]
+    for (start, end), turn in zip(rendered.spans, rendered.turns):
+        if turn >= first_trained:
+            segments += [(full[at:start], False), (full[start:end], True)]
+            at = end
     segments.append((full[at:], False))
     keep = [s for s in segments if s[0]]
+    if not turns:
+        raise DataError(f"{where}: no assistant turn to train on renders any text")
     target_index = max(i for i, s in enumerate(keep) if s[1])
     bos = getattr(tokenizer, "bos_token", None)
     eos = getattr(tokenizer, "eos_token", None)
@@ -145,15 +154,42 @@ def _chat(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
         add_special_tokens=not (bos and full.startswith(bos)),
         # Without an EOS in the template the model would never learn to stop.
         eos_after_target=not (eos and eos in full),
-        whole=True, targets=[messages[i]["content"] for i in rendered.turns],
+        whole=True, targets=[messages[i]["content"] for i in turns],
     )
+
+
+def prompt_completion(row: dict, cfg: DataConfig, where: str) -> tuple[object, object]:
+    """A prompt/completion row as TRL defines it: two strings, or two lists of messages (the
+    conversation and its continuation; normalized as chat messages are)."""
+    prompt, completion = row.get(cfg.prompt_field), row.get(cfg.completion_field)
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return prompt, completion
+    if isinstance(prompt, list) and isinstance(completion, list):
+        both = conversation({cfg.messages_field: [*prompt, *completion]}, cfg, where)
+        prompt, completion = both[: len(prompt)], both[len(prompt):]
+        if not any(m["role"] == "assistant" for m in completion):
+            raise DataError(f"{where}: field {cfg.completion_field!r} has no assistant message to train on")
+        return prompt, completion
+    kinds = f"{type(prompt).__name__ if prompt is not None else 'nothing'} and " \
+            f"{type(completion).__name__ if completion is not None else 'nothing'}"
+    raise DataError(f"{where}: fields {cfg.prompt_field!r} and {cfg.completion_field!r} must be two strings "
+                    f"or two lists of messages, got {kinds}")
+
+
+def _prompt_completion(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
+    """Loss on the completion only (TRL's completion_only_loss): plain rows as prompt and
+    response apart, conversational rows rendered whole with only the completion's turns trained."""
+    prompt, completion = prompt_completion(row, cfg, where)
+    if isinstance(prompt, str):
+        return Formatted([(prompt, False), (completion, True)], 1, completion, True, True)
+    return _rendered([*prompt, *completion], len(prompt), cfg, where, tokenizer)
 
 
 def _last_assistant(messages: list[dict]) -> int:
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
 
-FORMATS = {"alpaca": _alpaca, "chat": _chat, "text": _text}
+FORMATS = {"alpaca": _alpaca, "chat": _chat, "text": _text, "prompt_completion": _prompt_completion}
 
 
 def format_row(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:

@@ -18,11 +18,14 @@ _NO_LIMIT = 1 << 30
 def prompt_row(cfg: DataConfig, prompt: str, input_text: str = "",
                history: Optional[list[dict]] = None) -> dict:
     """A row in the run's format from a typed prompt. alpaca: the instruction (and its input);
-    chat: the next user turn after ``history``; text: the text to continue."""
+    chat: the next user turn after ``history``; prompt_completion: the plain prompt; text: the
+    text to continue."""
     if cfg.format == "alpaca":
         return {cfg.instruction_field: prompt, cfg.input_field: input_text}
     if cfg.format == "chat":
         return {cfg.messages_field: [*(history or []), {"role": "user", "content": prompt}]}
+    if cfg.format == "prompt_completion":
+        return {cfg.prompt_field: prompt}
     return {cfg.text_field: prompt}
 
 
@@ -38,6 +41,9 @@ def prepare_prompt(cfg: DataConfig, tokenizer, row: dict, where: str = "prompt")
     row, settings = dict(row), cfg
     if cfg.format == "alpaca":
         row[cfg.output_field] = ""
+    elif cfg.format == "prompt_completion":
+        conversational = isinstance(row.get(cfg.prompt_field), list)
+        row[cfg.completion_field] = [{"role": "assistant", "content": ""}] if conversational else ""
     else:
         messages = conversation(row, cfg, where)
         if messages[-1]["role"] == "assistant":
