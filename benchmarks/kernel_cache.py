@@ -33,7 +33,7 @@ def worker(model: str, steps: int, precision: str, varying: bool) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from launch.prepare import build_config
-    from orchestrator.model import attach_lora, load_base
+    from orchestrator.model import attach_lora, compute_autocast, load_base
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     cfg = build_config([f"model.path={model}"])
@@ -45,7 +45,7 @@ def worker(model: str, steps: int, precision: str, varying: bool) -> dict:
     for step in range(1, steps + 1):
         width = 32 + (step * 37) % 96 if varying else 128
         ids = torch.randint(3, 100, (4, width))
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with compute_autocast(net, "cpu", dtype):
             loss = net(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()

@@ -25,6 +25,7 @@ from launch.prepare import build_config  # noqa: E402
 from orchestrator import plan as P  # noqa: E402
 from orchestrator.distributed import init_distributed, resolve_precision, shutdown  # noqa: E402
 from orchestrator.evaluate import token_loss_sum  # noqa: E402
+from orchestrator.model import compute_autocast  # noqa: E402
 from orchestrator.strategies import BatchPlan, build_strategy  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def main() -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with compute_autocast(model, dist.device.type, dtype):
             logits = strategy.train_module(input_ids=ids, attention_mask=torch.ones_like(ids),
                                            use_cache=False).logits
             token_loss_sum(logits, ids)

@@ -210,17 +210,16 @@ def _report(lines: list[str], cfg) -> None:
 def _prepare_data(cfg):
     """Read, check and tokenize the data once, here, into the cache every rank then reads.
     Without a local tokenizer (a hub id) only the rows are checked; rank 0 tokenizes."""
-    from orchestrator.data import DataError, check_rows, describe, prepare
+    from orchestrator.data import DataError, check_rows, describe, prepare, split_sources
 
     tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
     try:
         if not tok_dir.exists():
-            for key in ("path", "eval_path"):
-                if getattr(cfg.data, key):
-                    try:
-                        check_rows(getattr(cfg.data, key), cfg.data)
-                    except DataError as exc:
-                        raise DataError(f"data.{key}: {exc}") from None
+            for _, key, path, split in split_sources(cfg.data):
+                try:
+                    check_rows(path, cfg.data, split)
+                except DataError as exc:
+                    raise DataError(f"data.{key}: {exc}") from None
             return None
         from orchestrator.model import load_tokenizer
 

@@ -109,10 +109,22 @@ class DataConfig:
     # messages rendered with the tokenizer's chat template; text: raw text (continued pretraining);
     # prompt_completion: TRL's prompt/completion rows, plain or conversational.
     format: str = "alpaca"
-    # A local .jsonl, .json, .parquet or .csv file, or a directory of such shards.
+    # A local .jsonl, .json, .parquet or .csv file, or a directory of such shards; a directory
+    # written by datasets' save_to_disk; or, where no such local path exists, a Hugging Face
+    # dataset's repository id (org/name), read through datasets.load_dataset so that HF_HOME's
+    # cache, HF_HUB_OFFLINE and the user's login apply as everywhere else.
     path: str = MISSING
-    # Eval split from its own file; or hold out eval_fraction of the training rows instead.
+    # For a Hugging Face dataset: its config (subset) name, the split to train on, the revision
+    # (branch, tag or commit) and data_files (files of the repository to read).
+    config_name: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    data_files: Optional[list[str]] = None
+    # Eval split from its own file or dataset (eval_split names that dataset's split, else
+    # data.split); or eval_split alone: another split of data.path's dataset; or hold out
+    # eval_fraction of the training rows instead.
     eval_path: Optional[str] = None
+    eval_split: Optional[str] = None
     eval_fraction: float = 0.0
     # Seed of the held-out split (fixed apart from the trainer seed, so it never moves).
     split_seed: int = 0
@@ -529,11 +541,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"data.eval_fraction={cfg.data.eval_fraction!r} is not allowed; it must be in [0, 1)"
         )
-    if cfg.data.eval_fraction > 0 and cfg.data.eval_path:
-        raise ConfigError(
-            f"data.eval_fraction={cfg.data.eval_fraction!r} and data.eval_path={cfg.data.eval_path!r}: "
-            "choose one source for the eval split"
-        )
+    named = [f"data.{k}={getattr(cfg.data, k)!r}" for k in ("eval_path", "eval_split") if getattr(cfg.data, k)]
+    if cfg.data.eval_fraction > 0 and named:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction!r} and {named[0]}: "
+                          "choose one source for the eval split")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout={cfg.lora.dropout!r} is not allowed; it must be in [0, 1)")
     if cfg.lora.target_parameters and cfg.lora.dropout != 0.0:

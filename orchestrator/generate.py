@@ -70,13 +70,11 @@ class Chat:
     def __init__(self, run_dir: Path, merged: Optional[Path] = None,
                  device: Optional[torch.device] = None):
         from .distributed import resolve_precision
-        from .model import disable_cpu_repacking, load_tokenizer, load_with_adapter
+        from .model import compute_autocast, disable_cpu_repacking, load_tokenizer, load_with_adapter
 
         self.cfg = run_config(run_dir)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = resolve_precision(self.cfg.trainer.precision, self.device)
-        self.autocast = functools.partial(torch.autocast, device_type=self.device.type, dtype=dtype,
-                                          enabled=dtype != torch.float32)
         if merged is not None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,6 +92,7 @@ class Chat:
             disable_cpu_repacking(self.model)
             self.tokenizer = load_tokenizer(self.cfg.model)
         self.model.eval()
+        self.autocast = functools.partial(compute_autocast, self.model, self.device.type, dtype)
 
     def prompt_ids(self, row: dict, where: str = "prompt") -> list[int]:
         """The ids generation starts from, built by the run's own data path from a row in the

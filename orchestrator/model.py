@@ -7,8 +7,9 @@ embeddings are upcast to fp32; logits only match when both sides do the same).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -153,7 +154,6 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, peft_lora_config(lora, model), autocast_adapter_dtype=True)
-    keep_input_dtype(peft_model)
     for name, p in peft_model.named_parameters():
         if p.requires_grad and "lora_" not in name and lora.bias == "none":
             raise RuntimeError(f"non-adapter parameter {name} is trainable")
@@ -163,21 +163,24 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     return peft_model
 
 
-def keep_input_dtype(peft_model: nn.Module) -> None:
-    """Let each LoRA branch take its input in the dtype it arrives in.
+@contextlib.contextmanager
+def compute_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """The run's autocast, under which LoRA branches take their input as it arrives.
 
     PEFT casts a LoRA layer's input to the adapter weights' dtype (fp32) unless
     ``torch.is_autocast_enabled()``, which asks about CUDA only: on CPU every branch made an
-    fp32 copy of its input and a dropout mask of that dtype to keep for the backward, twice the
-    bytes of CUDA's for the same run. Every forward of a training model runs under the run's
-    autocast (train, evaluation, generation), which casts the matmul operands as on CUDA; in fp32
-    runs input and weights already agree.
+    fp32 copy of its input and a dropout mask of that dtype to keep for the backward, twice
+    CUDA's bytes for the same run. Inside the autocast the matmuls cast their operands, as on
+    CUDA (PEFT's ``disable_input_dtype_casting``); outside it PEFT's cast stays, for a forward
+    without autocast. Nothing to do in fp32.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    if dtype == torch.float32:
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
 
-    for module in peft_model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+    with torch.autocast(device_type, dtype=dtype), disable_input_dtype_casting(model):
+        yield
 
 
 def load_adapter_weights(peft_model: nn.Module, adapter_dir: str) -> None:

@@ -35,7 +35,7 @@ from .loss import build_loss
 from .metrics import build_logger
 from .preempt import StopRequest
 from .runinfo import code_info, hardware, library_versions, peak_flops
-from .model import ForwardDtypeProbe, base_linear_storage, count_parameters, load_tokenizer
+from .model import ForwardDtypeProbe, base_linear_storage, compute_autocast, count_parameters, load_tokenizer
 from .plan import MiB, PlanError, data_lengths, plan_for_run
 from .strategies import BatchPlan, build_strategy, needs_cpu_collectives
 from .strategies.mesh import local_world_size
@@ -165,16 +165,13 @@ def run(cfg: RunConfig, run_dir: Path) -> RunResult:
 def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     t = cfg.trainer
     compute_dtype = resolve_precision(t.precision, dist.device)
-    autocast = functools.partial(
-        torch.autocast, device_type=dist.device.type, dtype=compute_dtype,
-        enabled=compute_dtype != torch.float32,
-    )
     seed_everything(t.seed)  # same on every rank: identical LoRA init without a broadcast
     commcount.install(dist.rank)  # only with ORCHESTRATOR_COMM_LOG set (planner checks)
     strategy = build_strategy(cfg.strategy, dist, compute_dtype)
     set_phase("model loading (tokenizer, base weights, quantization, LoRA)")
     tokenizer = load_tokenizer(cfg.model)
     model = strategy.load_model(cfg.model, cfg.quant, cfg.lora)
+    autocast = functools.partial(compute_autocast, model, dist.device.type, compute_dtype)
     base_storage = base_linear_storage(model)  # before any sharding
     loss_fn, loss_kind = build_loss(t.loss, model, announce=dist.is_main)  # before the strategy wraps
     trainable, total = count_parameters(model)

@@ -122,3 +122,60 @@ def test_packed_training_takes_the_padded_steps(tmp_path) -> None:
     assert abs(a[0] - b[0]) <= 1e-6 * a[0], (a, b)
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (a, b)
+
+
+def _hub_cache(home: Path, repo: str, splits: dict[str, list[dict]]) -> None:
+    """A dataset repository as `huggingface-cli download --repo-type dataset` leaves it in the
+    Hub cache (HF_HOME/hub): refs/main naming a snapshot holding the repository's files."""
+    commit = "0" * 39 + "1"
+    root = home / "hub" / f"datasets--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    data = root / "snapshots" / commit / "data"
+    data.mkdir(parents=True)
+    for split, rows in splits.items():
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_hugging_face_datasets_by_name_offline_and_saved_to_disk(tmp_path) -> None:
+    """A dataset named by its repository id trains offline from the Hub cache (its test split as
+    the eval split), and a save_to_disk directory is read as it is; a name that is neither a
+    local path nor cached is one line saying which."""
+    import datasets
+
+    from orchestrator.config import DataConfig, ModelConfig
+    from orchestrator.data import check_rows, prepare
+    from orchestrator.model import load_tokenizer
+
+    rows = _rows(120)
+    _hub_cache(tmp_path / "hf", "acme/tiny-instruct", {"train": rows[:100], "test": rows[100:]})
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    run_dir = tmp_path / "run"
+    proc = orchestrate("train", f"run.dir={run_dir}", "data=jsonl", "data.path=acme/tiny-instruct",
+                       "data.eval_split=test", f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=4",
+                       *COMMON, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data"]["train"]["examples"] == 100 and summary["data"]["eval"]["examples"] == 20
+    proc = orchestrate("train", f"run.dir={tmp_path / 'nope'}", "data=jsonl", "data.path=acme/missing",
+                       *COMMON, env=env)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert ("acme/missing: no such local file or directory, and no Hugging Face dataset of that name is "
+            f"in the cache at HF_HOME={tmp_path / 'hf'}") in proc.stderr
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:100]),
+                          "validation": datasets.Dataset.from_list(rows[100:])}).save_to_disk(str(saved))
+    tokenizer = load_tokenizer(ModelConfig(path=str(TINY.parent / "tiny-llama")))
+    cfg = DataConfig(path=str(saved), eval_split="validation", cache_dir=str(tmp_path / "cache"))
+    splits = prepare(cfg, tokenizer)
+    assert (len(splits.train), len(splits.eval)) == (100, 20) and not splits.cache_hit
+    assert prepare(cfg, tokenizer).cache_hit
+    assert check_rows(str(saved), cfg, "validation") == 20
+    # Other rows saved in its place are another dataset (its own fingerprint): prepared afresh.
+    shutil.rmtree(saved)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[1:101]),
+                          "validation": datasets.Dataset.from_list(rows[100:])}).save_to_disk(str(saved))
+    assert not prepare(cfg, tokenizer).cache_hit
+    with pytest.raises(Exception, match="the saved dataset has no split 'test' \\(it has train, validation\\)"):
+        prepare(DataConfig(path=str(saved), split="test"), tokenizer)

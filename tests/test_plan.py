@@ -135,7 +135,7 @@ def test_activation_model_matches_what_autograd_saves():
     import torch
 
     from orchestrator.evaluate import token_loss_sum
-    from orchestrator.model import attach_lora, load_base
+    from orchestrator.model import attach_lora, compute_autocast, load_base
 
     for extra in ([], ["trainer.precision=fp32"], ["model.gradient_checkpointing=true"], ["lora.dropout=0"]):
         cfg = build_config(["trainer.micro_batch_size=4", "data.max_seq_len=128", *extra])
@@ -156,7 +156,7 @@ def test_activation_model_matches_what_autograd_saves():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            with compute_autocast(model, "cpu", dtype):  # the loop's autocast
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 token_loss_sum(logits, ids)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from ..config import DataConfig
 from . import pipeline
@@ -27,7 +27,7 @@ from .collate import collate, collate_packed, collate_rows, model_inputs, pack_r
 from .formats import chat_template, check_messages, format_alpaca, format_row, prompt_completion
 from .prompt import prepare_prompt, prompt_row
 from .sampler import StepSampler, eval_shard
-from .sources import DataError, Source, chunk_rows, data_files, read_rows
+from .sources import DataError, Source, chunk_rows, data_files, hub_dataset, is_local, read_rows, split_sources
 from .tokenize import IGNORE_INDEX, Example
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
     "PackedRowSampler", "TokenBudgetSampler", "collate", "collate_packed", "collate_rows", "eval_shard", "example_lengths",
     "format_alpaca",
     "load_examples", "load_splits", "model_inputs", "pack_rows", "prepare", "prepare_prompt", "prompt_row",
-    "read_rows",
+    "read_rows", "split_sources",
 ]
 
 
@@ -64,10 +64,11 @@ def _check_row(row: dict, cfg: DataConfig, where: str) -> None:
         format_row(row, cfg, where, None)
 
 
-def check_rows(path: str, cfg: DataConfig) -> int:
-    """Parse and format every row without tokenizing, so bad data is refused early."""
+def check_rows(path: str, cfg: DataConfig, split: Optional[str] = None) -> int:
+    """Parse and format every row without tokenizing, so bad data is refused early (``split``:
+    a Hugging Face dataset's, data.split by default)."""
     n = 0
-    for chunk in Source(path).chunks():
+    for chunk in Source(path, split=split or cfg.split, cfg=cfg).chunks():
         for where, row in chunk_rows(chunk):
             if isinstance(row, DataError):
                 if cfg.on_bad_row != "skip":
@@ -80,30 +81,35 @@ def check_rows(path: str, cfg: DataConfig) -> int:
     return n
 
 
+def _with_template(cfg: DataConfig, tokenizer) -> DataConfig:
+    """The chat template resolved to its text once, before anything is read: a template-less
+    tokenizer is refused up front (chat; prompt/completion rows only need one when they are
+    conversations), rows do not re-read a .jinja file, and the text (not the file name) enters
+    the fingerprint, so editing the template makes a new cache entry."""
+    if cfg.format == "chat" or (cfg.format == "prompt_completion" and (
+            cfg.chat_template or getattr(tokenizer, "chat_template", None))):
+        return dataclasses.replace(cfg, chat_template=chat_template(cfg, tokenizer))
+    return cfg
+
+
 def load_examples(path: str, tokenizer, cfg: DataConfig) -> list[Example]:
     """Read and tokenize one file without the cache (tests, small tools)."""
-    cfg = dataclasses.replace(cfg, path=path, eval_path=None, eval_fraction=0.0, num_proc=1)
-    if cfg.format == "chat":
-        cfg = dataclasses.replace(cfg, chat_template=chat_template(cfg, tokenizer))
+    cfg = dataclasses.replace(cfg, path=path, eval_path=None, eval_split=None, eval_fraction=0.0, num_proc=1)
+    cfg = _with_template(cfg, tokenizer)
     _, kept = pipeline.run(cfg, tokenizer, None, keep_examples=True)
     return kept["train"]
 
 
 def prepare(cfg: DataConfig, tokenizer) -> Splits:
     """Tokenized train and eval splits, from the cache when this data was tokenized before."""
-    if cfg.format == "chat":
-        # Resolved to its text once, before anything is read: a template-less tokenizer is
-        # refused up front, rows do not re-read a .jinja file, and the text (not the file name)
-        # enters the fingerprint, so editing the template makes a new cache entry.
-        cfg = dataclasses.replace(cfg, chat_template=chat_template(cfg, tokenizer))
+    cfg = _with_template(cfg, tokenizer)
     _quiet_datasets()
-    for k in ("path", "eval_path"):
-        if getattr(cfg, k):
-            try:
-                data_files(getattr(cfg, k))
-            except DataError as exc:
-                raise DataError(f"data.{k}: {exc}") from None
-    key = fingerprint(cfg, tokenizer)  # before any work: the files' bytes, tokenizer, settings
+    for _, k, path, split in split_sources(cfg):
+        try:
+            data_files(path) if is_local(path) else hub_dataset(path, split, cfg)
+        except DataError as exc:
+            raise DataError(f"data.{k}: {exc}") from None
+    key = fingerprint(cfg, tokenizer)  # before any work: the rows' bytes, tokenizer, settings
     entry = cache_root(cfg) / key
     hit = lookup(entry)
     cached = hit is not None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from ..config import DataConfig
-from .sources import data_files
+from .sources import data_files, hub_dataset, is_local, split_sources
 from .tokenize import Example
 
 if TYPE_CHECKING:
@@ -64,11 +64,16 @@ def _tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
+def _source_digest(path: str, split: str, cfg: DataConfig) -> list:
+    """What identifies a source's rows: each file's bytes, or a Hugging Face dataset's own
+    fingerprint (its revision's files, or a saved dataset's state) and split."""
+    if is_local(path):
+        return [[f.name, _file_digest(f)] for f in data_files(path)]
+    return [["dataset", hub_dataset(path, split, cfg)._fingerprint, split]]
+
+
 def fingerprint(cfg: DataConfig, tokenizer) -> str:
-    files = {
-        key: [[f.name, _file_digest(f)] for f in data_files(getattr(cfg, key))]
-        for key in ("path", "eval_path") if getattr(cfg, key)
-    }
+    files = {key: _source_digest(path, split, cfg) for _, key, path, split in split_sources(cfg)}
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TOKENS}
     key = {"version": VERSION, "files": files, "tokenizer": _tokenizer_digest(tokenizer), "settings": settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]

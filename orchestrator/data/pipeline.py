@@ -23,7 +23,7 @@ from ..config import DataConfig
 from .cache import SplitWriter, record_batch
 from .formats import Formatted, format_row
 from .progress import Progress
-from .sources import Chunk, DataError, Source, chunk_rows
+from .sources import Chunk, DataError, Source, chunk_rows, split_sources
 from .tokenize import LengthError, example, fit, tokenize_batch
 
 CHUNK_ROWS = 512
@@ -148,12 +148,11 @@ def _tasks(sources: list[tuple[str, str, Source]], held: list[int], keep: bool) 
 
 def _sources(cfg: DataConfig) -> list[tuple[str, str, Source]]:
     out = []
-    for split, key in (("train", "path"), ("eval", "eval_path")):
-        if getattr(cfg, key):
-            try:
-                out.append((split, key, Source(getattr(cfg, key), CHUNK_ROWS)))
-            except DataError as exc:
-                raise DataError(f"data.{key}: {exc}") from None
+    for split, key, path, dataset_split in split_sources(cfg):
+        try:
+            out.append((split, key, Source(path, CHUNK_ROWS, dataset_split, cfg)))
+        except DataError as exc:
+            raise DataError(f"data.{key}: {exc}") from None
     return out
 
 

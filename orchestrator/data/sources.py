@@ -1,8 +1,11 @@
-"""Rows from local files, each with the place it came from (``file:line`` or ``file: row N``).
+"""Rows from local files or Hugging Face datasets, each with the place it came from
+(``file:line``, ``file: row N``, ``org/name[split]: row N``).
 
 JSON and JSONL are parsed here, line by line, so a bad line can be named exactly and, under
-``data.on_bad_row=skip``, skipped alone; Parquet and CSV go through Hugging Face ``datasets``
-(local files only), which reads them as Arrow tables.
+``data.on_bad_row=skip``, skipped alone; Parquet and CSV are read as Arrow record batches. A
+Hugging Face dataset (a ``save_to_disk`` directory, or a repository id where no local path has
+that name) is opened through ``datasets`` itself, so its cache, offline mode and login work
+as everywhere else, and read from its memory-mapped Arrow table in batches.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from functools import lru_cache
+from typing import Any, Optional
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -65,15 +69,102 @@ class Chunk:
     rows: object = None
 
 
-class Source:
-    """The rows of a file or shard directory, counted up front (the progress bar's total and the
-    eval split need the count) and handed out in chunks without holding them all."""
+def split_sources(cfg) -> list[tuple[str, str, str, str]]:
+    """(split, setting, path, dataset split) of the training and eval rows: the eval rows come
+    from data.eval_path, or from data.eval_split of data.path's dataset."""
+    out = [("train", "path", cfg.path, cfg.split)]
+    if cfg.eval_path:
+        out.append(("eval", "eval_path", cfg.eval_path, cfg.eval_split or cfg.split))
+    elif cfg.eval_split:
+        out.append(("eval", "eval_split", cfg.path, cfg.eval_split))
+    return out
 
-    def __init__(self, path: str, chunk_rows: int = 1000) -> None:
-        self.files = data_files(path)
+
+def _is_saved(p: Path) -> bool:
+    """A directory ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` wrote."""
+    return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file())
+
+
+def is_local(path: str) -> bool:
+    """Read as local files (data_files says what is wrong with them), not as a dataset: a file,
+    a directory of shards, or a name no repository id can be; a saved dataset, and a directory
+    in a dataset repository's layout (files under data/, a README's config), are datasets."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return not _is_saved(p) and any(f.is_file() and f.suffix in SUFFIXES for f in p.iterdir())
+    return p.exists() or p.suffix in SUFFIXES or path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def hub_dataset(path: str, split: str, cfg) -> Any:
+    """The ``datasets.Dataset`` a save_to_disk directory or a repository id names (one split).
+    Opened once per process (preparation asks three times); a directory saved again since is
+    opened again."""
+    p = Path(path).expanduser()
+    saved = [f for f in (p / "state.json", p / "dataset_dict.json") if f.is_file()] if p.is_dir() else []
+    return _open_dataset(path, split, cfg.config_name, cfg.revision,
+                         tuple(cfg.data_files) if cfg.data_files else None,
+                         saved[0].stat().st_mtime_ns if saved else None)
+
+
+@lru_cache(maxsize=8)
+def _open_dataset(path: str, split: str, config_name: Optional[str], revision: Optional[str],
+                  files: Optional[tuple[str, ...]], saved_at: Optional[int]) -> Any:
+    import datasets
+
+    p = Path(path).expanduser()
+    if _is_saved(p):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: the saved dataset has no split {split!r} (it has {', '.join(ds)})")
+            ds = ds[split]
+        return ds
+    def load(source: str, rev: Optional[str]) -> Any:
+        return datasets.load_dataset(source, name=config_name, split=split, revision=rev,
+                                     data_files=list(files) if files else None)
+
+    try:
+        return load(path, revision)
+    except Exception as exc:  # datasets and huggingface_hub raise many kinds for one cause
+        error = exc
+    # Offline, datasets only finds what it prepared itself before; a repository downloaded into
+    # the Hub cache (huggingface-cli download --repo-type dataset) is read from its snapshot.
+    import huggingface_hub
+    import huggingface_hub.constants as hub
+
+    try:
+        snapshot = huggingface_hub.snapshot_download(path, repo_type="dataset", revision=revision,
+                                                     local_files_only=True)
+    except Exception:
+        snapshot = None
+    if snapshot is not None:
+        try:
+            return load(snapshot, None)
+        except Exception as exc:
+            error = exc
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    why = (f"no Hugging Face dataset of that name is in the cache at HF_HOME={hub.HF_HOME} and the Hub "
+           "is off (HF_HUB_OFFLINE=1)" if hub.HF_HUB_OFFLINE else
+           f"the Hugging Face dataset of that name could not be loaded ({type(error).__name__}: {first})")
+    raise DataError(f"{path}: no such local file or directory, and {why}")
+
+
+class Source:
+    """The rows of a file, a shard directory or a Hugging Face dataset's split, counted up front
+    (the progress bar's total and the eval split need the count) and handed out in chunks
+    without holding them all."""
+
+    def __init__(self, path: str, chunk_rows: int = 1000, split: str = "train", cfg=None) -> None:
         self.chunk_rows = chunk_rows
         self._jsonl: dict[Path, list[Chunk]] = {}
         self._arrays: dict[Path, list] = {}
+        self.dataset = None if cfg is None or is_local(path) else hub_dataset(path, split, cfg)
+        if self.dataset is not None:
+            self.files: list[Path] = []
+            self.label = f"{path}[{split}]"
+            self.total = len(self.dataset)
+            return
+        self.files = data_files(path)
         self.total = 0
         for f in self.files:
             if _kind(f) == "json" and not _is_array(f):
@@ -87,6 +178,11 @@ class Source:
 
     def chunks(self):
         ordinal = 0
+        if self.dataset is not None:
+            for batch in self.dataset.with_format("arrow").iter(batch_size=self.chunk_rows):
+                yield Chunk(self.label, ordinal + 1, ordinal, len(batch), rows=batch)
+                ordinal += len(batch)
+            return
         for f in self.files:
             if f in self._jsonl:
                 yield from self._jsonl[f]
