@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Optional
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -119,6 +119,7 @@ def _open_dataset(path: str, split: str, config_name: Optional[str], revision: O
                 raise DataError(f"{path}: the saved dataset has no split {split!r} (it has {', '.join(ds)})")
             ds = ds[split]
         return ds
+
     def load(source: str, rev: Optional[str]) -> Any:
         return datasets.load_dataset(source, name=config_name, split=split, revision=rev,
                                      data_files=list(files) if files else None)
