@@ -154,6 +154,7 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, peft_lora_config(lora, model), autocast_adapter_dtype=True)
+    keep_input_dtype(peft_model)
     for name, p in peft_model.named_parameters():
         if p.requires_grad and "lora_" not in name and lora.bias == "none":
             raise RuntimeError(f"non-adapter parameter {name} is trainable")
@@ -163,23 +164,29 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     return peft_model
 
 
-@contextlib.contextmanager
-def compute_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> Iterator[None]:
-    """The run's autocast, under which LoRA branches take their input as it arrives.
+def keep_input_dtype(peft_model: nn.Module) -> None:
+    """Let each LoRA branch of a training model take its input in the dtype it arrives in.
 
     PEFT casts a LoRA layer's input to the adapter weights' dtype (fp32) unless
     ``torch.is_autocast_enabled()``, which asks about CUDA only: on CPU every branch made an
     fp32 copy of its input and a dropout mask of that dtype to keep for the backward, twice
-    CUDA's bytes for the same run. Inside the autocast the matmuls cast their operands, as on
-    CUDA (PEFT's ``disable_input_dtype_casting``); outside it PEFT's cast stays, for a forward
-    without autocast. Nothing to do in fp32.
+    CUDA's bytes for the same run. Set for good, not around the forward: activation
+    checkpointing recomputes the forward during the backward, and a recompute that cast where
+    the forward did not fails torch's metadata check. Every forward of a training model runs
+    under ``compute_autocast`` (train, evaluation, generation), which casts the matmul operands
+    as on CUDA; in fp32 runs input and weights already agree.
     """
-    if dtype == torch.float32:
-        yield
-        return
-    from peft.helpers import disable_input_dtype_casting
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    with torch.autocast(device_type, dtype=dtype), disable_input_dtype_casting(model):
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
+@contextlib.contextmanager
+def compute_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """The run's autocast for ``model`` (a no-op in fp32)."""
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
         yield
 
 

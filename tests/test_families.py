@@ -89,7 +89,7 @@ def test_lora_on_fused_experts_by_name(models, family) -> None:
     """PEFT's target_parameters reach the 3-D experts; the router stays frozen; the experts
     stay in the dtype they were loaded in (not upcast to fp32 by the k-bit preparation)."""
     from orchestrator.config import LoraConfig, ModelConfig, QuantConfig
-    from orchestrator.model import attach_lora, load_base
+    from orchestrator.model import attach_lora, compute_autocast, load_base
 
     base = load_base(ModelConfig(path=str(models[family])), QuantConfig(allow_unquantized=True),
                      torch.bfloat16, torch.device("cpu"))
@@ -100,7 +100,9 @@ def test_lora_on_fused_experts_by_name(models, family) -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("experts" in n for n in trainable) and not any(".gate." in n for n in trainable)
     ids = torch.randint(3, base.config.vocab_size, (2, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
+    with compute_autocast(model, "cpu", torch.bfloat16):  # as every forward of a training model
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
                if "experts" in n and p.requires_grad)
 

@@ -158,10 +158,13 @@ def test_activation_model_matches_what_autograd_saves():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with compute_autocast(model, "cpu", dtype):  # the loop's autocast
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                token_loss_sum(logits, ids)
+                loss = token_loss_sum(logits, ids)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved = sum(n for ptr, n in storages.items() if ptr not in params)
         assert P.saved_activation_bytes(shape, setup) == pytest.approx(saved, rel=0.05), extra
+        # The backward runs outside the autocast; under checkpointing it recomputes each layer,
+        # which must produce the tensors of the forward (a dtype flip there once broke bf16 runs).
+        loss[0].backward()
 
 
 def test_cli_plan_prints_table_and_verdict():
