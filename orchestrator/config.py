@@ -79,7 +79,7 @@ class QuantConfig:
     # The frozen weights 4-bit quantization leaves in 16/32 bits (embeddings, norms, output head).
     # compute: kept in the compute dtype, and with them the residual stream and every layer's
     # activations (TRL's SFTTrainer, torchtune, plain bf16 training). fp32: upcast as PEFT's
-    # prepare_model_for_kbit_training does, an fp32 residual stream: in bf16 about twice the
+    # prepare_model_for_kbit_training does, an fp32 residual stream: in bf16 about 1.5x the
     # activation memory (benchmarks/RESULTS.md, issue #28), the older HF QLoRA recipe.
     frozen_dtype: str = "compute"
 
