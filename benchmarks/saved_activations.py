@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launch.prepare import build_config  # noqa: E402
 from orchestrator import plan as P  # noqa: E402
 from orchestrator.distributed import init_distributed, resolve_precision, shutdown  # noqa: E402
-from orchestrator.evaluate import token_loss_sum  # noqa: E402
+from orchestrator.loss import token_loss_sum  # noqa: E402
 from orchestrator.model import compute_autocast  # noqa: E402
 from orchestrator.strategies import BatchPlan, build_strategy  # noqa: E402
 

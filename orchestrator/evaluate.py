@@ -13,7 +13,7 @@ from torch import nn
 
 from .data import Example, collate, eval_shard
 from .distributed import DistInfo, all_reduce_sum
-from .loss import token_loss_sum
+from .loss import IGNORE_INDEX, LossFn
 
 
 def _batches(examples: Sequence[Example], dist: DistInfo, batch_size: int):
@@ -27,18 +27,20 @@ def _batches(examples: Sequence[Example], dist: DistInfo, batch_size: int):
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: Sequence[Example], dist: DistInfo, batch_size: int,
-              pad_id: int, autocast) -> float:
+              pad_id: int, autocast, loss_fn: LossFn) -> float:
+    """Mean next-token loss over the labelled positions, through the training loss function:
+    the chunked loss never builds the full logits here either (eval_batch_size x length x a
+    151k vocabulary would be gigabytes)."""
     was_training = model.training
     model.eval()
     total = count = 0.0
     for exs, keep, _ in _batches(examples, dist, batch_size):
         batch = {k: v.to(dist.device) for k, v in collate(exs, pad_id, keep).items()}
         with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-        loss, n = token_loss_sum(logits, batch["labels"])
+            loss = loss_fn(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                           batch["labels"])
         total += float(loss)
-        count += float(n)
+        count += float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     total, count = all_reduce_sum([total, count], dist.device)
     model.train(was_training)
     return total / max(count, 1.0)

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .plan.shapes import CHUNK_ELEMENTS, LOGIT_TRANSFORMS
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-#: Logit values per chunk (fp32): 2**24 = 64 MiB, ~110 positions at a 151k vocabulary.
-CHUNK_ELEMENTS = 2**24
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +159,7 @@ def chunked_unsupported(model: nn.Module) -> Optional[str]:
         return "the output head has a bias"
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"):
+    for attr in LOGIT_TRANSFORMS:
         if getattr(text, attr, None) not in (None, 1.0):
             return f"the model transforms its logits ({attr}={getattr(text, attr)})"
     return None

@@ -61,14 +61,14 @@ def seed_everything(seed: int) -> None:
 
 
 def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo, autocast,
-              samples_path: Path | None = None) -> dict:
+              loss_fn, samples_path: Path | None = None) -> dict:
     """Eval loss and exact match; with ``samples_path`` (the final evaluation) rank 0 also writes
     every generated answer there, so a user can read what the model said, not just a score."""
     t = cfg.trainer
     set_phase("evaluation")
     release_free_host_memory(dist.device)  # training's freed activations, before eval allocates
     out = {"eval_loss": eval_loss(strategy.eval_module, eval_examples, dist, t.eval_batch_size,
-                                  tokenizer.pad_token_id, autocast)}
+                                  tokenizer.pad_token_id, autocast, loss_fn)}
     if t.eval_generate_examples and cfg.data.format != "text":  # raw text has no answers
         subset = eval_examples[: t.eval_generate_examples]
         samples: list[dict] = []
@@ -236,7 +236,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         )
 
     if not state and eval_examples:
-        before = _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast)
+        before = _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast, loss_fn)
         state["eval_before"] = before
         logger.log(0, before)
 
@@ -318,7 +318,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
                 metrics["mfu"] = global_tokens / dt * flops_per_token / (peak * dist.world_size)
             logger.log(step, metrics)
         if t.eval_every and step % t.eval_every == 0 and not is_last and eval_examples:
-            logger.log(step, _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast))
+            logger.log(step, _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast, loss_fn))
         set_phase(f"step {step} stop-request check (all-reduce)")
         periodic = bool(t.save_every) and step % t.save_every == 0 and not is_last
         stopping, timed = (False, False) if is_last else stop.at_boundary(dist.is_main)
@@ -338,7 +338,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             return RunResult(summary={"stopped_at_step": step}, model=model, losses=losses,
                              stopped=True)
 
-    after = (_evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast,
+    after = (_evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast, loss_fn,
                        run_dir / "eval_samples.jsonl") if eval_examples else {})
     if after:
         logger.log(step, after)

@@ -278,7 +278,7 @@ def test_packed_loss_equals_one_by_one(tokenizer, attn) -> None:
     import torch
 
     from orchestrator.config import LoraConfig, QuantConfig
-    from orchestrator.evaluate import token_loss_sum
+    from orchestrator.loss import token_loss_sum
     from orchestrator.model import attach_lora, load_base
 
     cfg = DataConfig(path=str(TINY_TRAIN), max_seq_len=256, train_on_prompt=True)

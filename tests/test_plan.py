@@ -130,18 +130,21 @@ def test_sharding_divides_what_each_strategy_shards():
 
 def test_activation_model_matches_what_autograd_saves():
     """The per-token activation formula against the tensors autograd really keeps after one
-    forward of the tiny QLoRA model (bf16 autocast and fp32, with and without checkpointing,
-    with and without LoRA dropout)."""
+    forward of the tiny QLoRA model and its loss (bf16 autocast and fp32, with and without
+    checkpointing, with and without LoRA dropout, chunked and plain loss)."""
     import torch
 
-    from orchestrator.evaluate import token_loss_sum
+    from orchestrator.loss import build_loss
     from orchestrator.model import attach_lora, compute_autocast, load_base
 
-    for extra in ([], ["trainer.precision=fp32"], ["model.gradient_checkpointing=true"], ["lora.dropout=0"]):
+    for extra in ([], ["trainer.precision=fp32"], ["model.gradient_checkpointing=true"], ["lora.dropout=0"],
+                  ["trainer.loss=plain"], ["trainer.loss=plain", "trainer.precision=fp32"]):
         cfg = build_config(["trainer.micro_batch_size=4", "data.max_seq_len=128", *extra])
-        dtype = torch.float32 if extra == ["trainer.precision=fp32"] else torch.bfloat16
+        dtype = torch.float32 if "trainer.precision=fp32" in extra else torch.bfloat16
         model = attach_lora(load_base(cfg.model, cfg.quant, dtype, torch.device("cpu")), cfg.lora)
         model.train()
+        loss_fn, kind = build_loss(cfg.trainer.loss, model)
+        assert kind == cfg.trainer.loss
         shape = P.read_shape(cfg.model.path)
         setup = P.setup_from_config(cfg, 1, "cpu", dtype.itemsize, shape)
         torch.manual_seed(0)
@@ -157,14 +160,13 @@ def test_activation_model_matches_what_autograd_saves():
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with compute_autocast(model, "cpu", dtype):  # the loop's autocast
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                loss = token_loss_sum(logits, ids)
+                loss = loss_fn(model, {"input_ids": ids, "attention_mask": mask}, ids)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved = sum(n for ptr, n in storages.items() if ptr not in params)
         assert P.saved_activation_bytes(shape, setup) == pytest.approx(saved, rel=0.05), extra
         # The backward runs outside the autocast; under checkpointing it recomputes each layer,
         # which must produce the tensors of the forward (a dtype flip there once broke bf16 runs).
-        loss[0].backward()
+        loss.backward()
 
 
 def test_cli_plan_prints_table_and_verdict():

@@ -22,13 +22,16 @@ What each term models, and why:
   load it into host memory and sends each device only its shards.
 - Activations are the tensors autograd saves per token of one decoder layer (see
   :func:`layer_activation_bytes`), times the layers, or only the layer inputs plus one layer
-  recomputed under activation checkpointing; the loss adds bf16 logits, their fp32 copy and
-  log-softmax and its gradients; autocast keeps a compute-dtype copy of the fp32 head weight.
+  recomputed under activation checkpointing. The plain loss adds the compute-dtype logits,
+  their fp32 copy, log-softmax and its gradients; the chunked one (the default) one chunk of
+  ``CHUNK_ELEMENTS`` logits in fp32 (plus its compute-dtype copy in bf16) and the hidden
+  states' gradient it computes in the forward. Autocast keeps a compute-dtype copy of an fp32
+  head weight.
   Sequences are planned at the longest micro-batch the run will really form (lengths.py: the
   longest row the sampler will draw, or the token budget when packing), ``data.max_seq_len``
   when the data's lengths are not known.
-- Evaluation (``trainer.eval_batch_size`` sequences, no gradients) is a phase too: its logits
-  can exceed training's on large vocabularies.
+- Evaluation (``trainer.eval_batch_size`` sequences, no gradients, the training loss function)
+  is a phase too: under the plain loss its logits can exceed training's on large vocabularies.
 - Framework overhead: on CUDA the context and communicator buffers, which the allocator peak
   does not see; on CPU the measured resident size of the runtime itself (interpreter, torch,
   transformers, bitsandbytes, DeepSpeed, gloo, kernels' caches) with a negligible model.
@@ -39,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .setup import Setup
-from .shapes import GiB, MiB, LAYER_LINEARS, ModelShape, lora_params, nf4_bytes
+from .shapes import CHUNK_ELEMENTS, GiB, MiB, LAYER_LINEARS, ModelShape, lora_params, nf4_bytes
 
 #: DeepSpeed's default reduce_bucket_size (elements); strategies/deepspeed.py does not change it.
 DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
@@ -181,8 +184,34 @@ def _head_copy_bytes(shape: ModelShape, s: Setup) -> float:
 
 
 def _saved_loss_bytes(shape: ModelShape, s: Setup) -> float:
-    """The fp32 log-softmax cross-entropy keeps, and the head copy."""
-    return s.micro_batch * s.train_width * shape.vocab * 4 + _head_copy_bytes(shape, s)
+    """What the loss leaves for the backward: the plain loss its fp32 log-softmax (and the head
+    copy), the chunked one the hidden states' gradient it already computed."""
+    tokens = s.micro_batch * s.train_width
+    if s.loss == "chunked":
+        return tokens * shape.hidden * residual_bytes(s)
+    return tokens * shape.vocab * 4 + _head_copy_bytes(shape, s)
+
+
+def _loss_rows(shape: ModelShape, s: Setup, tokens: int) -> int:
+    """Positions whose logits exist at once: all of them, or one chunk's (loss.py)."""
+    return tokens if s.loss != "chunked" else min(tokens, max(1, CHUNK_ELEMENTS // shape.vocab))
+
+
+def loss_bytes(shape: ModelShape, s: Setup, tokens: int, training: bool) -> float:
+    """The loss's bytes on top of the activations, for ``tokens`` positions.
+
+    Plain: the compute-dtype logits, their fp32 copy and, training, log-softmax's output and the
+    gradients (fp32 and compute dtype); evaluating, the fp32 copy and its log-softmax.
+    Chunked (loss.py): the labelled positions' hidden states gathered into one tensor, and one
+    chunk's logits in fp32, beside their compute-dtype form in bf16 (the matmul's output, then
+    the gradient's cast); its saved gradient is in _saved_loss_bytes.
+    """
+    b = s.compute_bytes
+    if s.loss != "chunked":
+        return tokens * shape.vocab * (b + (12 if training else 8)) + (
+            _head_copy_bytes(shape, s) if training else 0.0)
+    chunk = _loss_rows(shape, s, tokens) * shape.vocab * (4 + (b if b < 4 else 0))
+    return chunk + tokens * shape.hidden * residual_bytes(s) + _head_copy_bytes(shape, s)
 
 
 def saved_activation_bytes(shape: ModelShape, s: Setup) -> float:
@@ -256,7 +285,7 @@ def _heap_transient(shape: ModelShape, s: Setup, acts: float, logits: float) -> 
     each term counts unless its largest tensor is mmap-sized (MMAP_THRESHOLD_BYTES)."""
     tokens = s.micro_batch * s.train_width
     act_tensor = tokens * max(shape.mlp_width, shape.q_dim) * residual_bytes(s)
-    logit_tensor = tokens * shape.vocab * 4
+    logit_tensor = _loss_rows(shape, s, tokens) * shape.vocab * 4
     return ((acts if act_tensor < MMAP_THRESHOLD_BYTES else 0.0)
             + (logits if logit_tensor < MMAP_THRESHOLD_BYTES else 0.0))
 
@@ -322,7 +351,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     # under checkpointing.
     working = tokens * layer_activation_bytes(shape, s) * (2 if s.checkpointing else 1)
     acts = saved_activation_bytes(shape, s) - _saved_loss_bytes(shape, s) + working
-    logits = tokens * shape.vocab * (b + 12) + _head_copy_bytes(shape, s)
+    logits = loss_bytes(shape, s, tokens, training=True)
     overhead = _overhead(s)
     host_tokenizer = (TOKENIZER_BYTES_PER_ENTRY * max(0, shape.vocab - 128)
                       if s.device == "cpu" and s.overhead_bytes is None else 0.0)
@@ -340,7 +369,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     eval_tokens = s.eval_batch * s.eval_width
     ev.items["activations"] = eval_tokens * (resid * shape.hidden * 2 + 3 * resid * shape.mlp_width)
     ev.items["activations"] += eval_tokens * shape.layers * 2 * shape.kv_dim * b  # KV cache (generate)
-    ev.items["logits + loss"] = eval_tokens * shape.vocab * (b + 8)
+    ev.items["logits + loss"] = loss_bytes(shape, s, eval_tokens, training=False)
     ev.items[TOKENIZER] = host_tokenizer
     ev.items[OVERHEAD] = overhead
 

@@ -48,6 +48,9 @@ class Setup:
     # quant.frozen_dtype=fp32: embeddings, norms and head upcast around a 4-bit base, and with
     # them the residual stream.
     frozen_fp32: bool = False
+    # trainer.loss as it will run: chunked (one chunk of logits at a time) or plain (all of
+    # them); chunked falls back to plain for heads that transform their logits.
+    loss: str = "chunked"
 
     @property
     def shard_ranks(self) -> int:
@@ -118,6 +121,7 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
         replicas=(getattr(st, "replicate", 1) or max(1, world // (ranks_per_node or world)))
         if st.name == "fsdp" else 1,
         frozen_fp32=cfg.quant.method != "none" and cfg.quant.frozen_dtype == "fp32",
+        loss=cfg.trainer.loss if shape.plain_head else "plain",
     )
 
 

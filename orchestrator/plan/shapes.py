@@ -16,6 +16,14 @@ from pathlib import Path
 GiB = 2**30
 MiB = 2**20
 
+#: Logit values the chunked loss (orchestrator/loss.py) holds at a time: 2**24 fp32 values,
+#: 64 MiB, ~110 positions at a 151k vocabulary. Here because the planner, which never imports
+#: torch, must know it too.
+CHUNK_ELEMENTS = 2**24
+#: config.json keys by which a model transforms its logits (Gemma 2's soft-capping, Cohere's
+#: scale...): the chunked loss cannot replace such a head and the plain loss runs instead.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
 #: The Linear modules of one Llama-family decoder layer (Llama, Mistral, Qwen2 share them).
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -45,6 +53,8 @@ class ModelShape:
     experts: int = 0
     expert_intermediate: int = 0
     experts_per_token: int = 0
+    #: False when config.json transforms the logits (LOGIT_TRANSFORMS): the loss is then plain.
+    plain_head: bool = True
 
     @property
     def q_dim(self) -> int:
@@ -117,6 +127,7 @@ def read_shape(model_path: str) -> ModelShape:
         experts=experts,
         expert_intermediate=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]) if experts else 0,
         experts_per_token=int(cfg.get("num_experts_per_tok") or 0) if experts else 0,
+        plain_head=all(cfg.get(k) in (None, 1.0) for k in LOGIT_TRANSFORMS),
     )
 
 
