@@ -210,16 +210,12 @@ def _report(lines: list[str], cfg) -> None:
 def _prepare_data(cfg):
     """Read, check and tokenize the data once, here, into the cache every rank then reads.
     Without a local tokenizer (a hub id) only the rows are checked; rank 0 tokenizes."""
-    from orchestrator.data import DataError, check_rows, describe, prepare, split_sources
+    from orchestrator.data import DataError, check_data, describe, prepare
 
     tok_dir = Path(cfg.model.tokenizer or cfg.model.path)
     try:
         if not tok_dir.exists():
-            for _, key, path, split in split_sources(cfg.data):
-                try:
-                    check_rows(path, cfg.data, split)
-                except DataError as exc:
-                    raise DataError(f"data.{key}: {exc}") from None
+            check_data(cfg.data)
             return None
         from orchestrator.model import load_tokenizer
 

@@ -370,3 +370,142 @@ def test_prompt_completion_rows_train_on_the_completion_only(tokenizer, tmp_path
     with pytest.raises(DataError, match=r"data.jsonl:1: fields 'prompt' and 'completion' must be two strings "
                                         r"or two lists of messages, got str and list"):
         check_rows(bad, DataConfig(path=bad, format="prompt_completion"))
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def _tool_rows() -> dict[str, dict]:
+    """One conversation with a tool call and its result, in OpenAI's layout (content null,
+    arguments a JSON string) and in LLaMA-Factory's ShareGPT layout (function_call and
+    observation turns, the tools as a JSON string)."""
+    openai = {"messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temp": 21})},
+        {"role": "assistant", "content": "It is 21 degrees in Paris."}], "tools": TOOLS}
+    sharegpt = {"conversations": [
+        {"from": "system", "value": "You are a helpful assistant."},
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": json.dumps({"temp": 21})},
+        {"from": "gpt", "value": "It is 21 degrees in Paris."}], "tools": json.dumps(TOOLS)}
+    return {"openai": openai, "sharegpt": sharegpt}
+
+
+def test_tool_calls_train_the_call_not_the_result(tokenizer, tmp_path) -> None:
+    """Tool calls (OpenAI's layout, the same rows through Parquet, whose schema gives every
+    message every key, and LLaMA-Factory's ShareGPT layout) train token for token alike, under
+    two templates with tool branches: the call and the answer are trained, the tool's result
+    and the prompt are not; one render locates the turns as the prefix rule does; with
+    data.roles_to_train=[assistant, tool] the result is trained too."""
+    import pandas as pd
+
+    from chat_templates import TOOL_TEMPLATES
+    from orchestrator.data.chat import renderer
+    from orchestrator.data.formats import conversation, row_tools
+
+    rows = _tool_rows()
+    pd.DataFrame([rows["openai"] | {"tools": json.dumps(TOOLS)}]).to_parquet(tmp_path / "openai.parquet")
+    for name, template in TOOL_TEMPLATES.items():
+        def examples(path: Path, **settings) -> tuple:
+            cfg = DataConfig(path=str(path), format="chat", max_seq_len=2048, chat_template=template, **settings)
+            (ex,) = load_examples(cfg.path, tokenizer, cfg)
+            return ex.input_ids, ex.labels, ex.prompt_ids, ex.target
+
+        paths = {}
+        for layout, row in rows.items():
+            paths[layout] = tmp_path / f"{layout}.jsonl"
+            paths[layout].write_text(json.dumps(row) + "\n")
+        reference = examples(paths["openai"])
+        assert examples(paths["sharegpt"]) == reference, name
+        assert examples(tmp_path / "openai.parquet") == reference, name
+        ids, labels, _, target = reference
+        trained = tokenizer.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+        assert "get_weather" in trained and "Paris" in trained and "21 degrees" in trained, (name, trained)
+        assert "temp" not in trained and "Weather in" not in trained, (name, trained)
+        assert target == "It is 21 degrees in Paris."
+        cfg = DataConfig(path="x", format="chat")
+        messages, tools = conversation(rows["openai"], cfg, "row"), row_tools(rows["openai"], cfg, "row")
+        r = renderer(template, tokenizer)
+        for roles in (("assistant",), ("assistant", "tool")):
+            got, want = r.render(messages, "row", tools, roles), r.by_prefixes(messages, "row", tools, roles)
+            assert (got.text, got.spans, got.turns) == (want.text, want.spans, want.turns), (name, roles)
+        ids, labels, _, _ = examples(paths["openai"], roles_to_train=["assistant", "tool"])
+        assert "temp" in tokenizer.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]), name
+    bad = _write(tmp_path, [json.dumps({"messages": [{"role": "user", "content": "x"},
+                                                     {"role": "assistant", "tool_calls": [{"type": "function"}]}]})])
+    with pytest.raises(DataError, match=r"data.jsonl:1: message 1: a tool call needs a function name"):
+        check_rows(bad, DataConfig(path=bad, format="chat"))
+    bad = _write(tmp_path, [json.dumps({"messages": [{"role": "user", "content": "x"},
+                                                     {"role": "assistant", "content": None}]})])
+    with pytest.raises(DataError, match=r"message 1 needs a string 'content', got nothing \(only a message with "
+                                        r"tool_calls may have none\)"):
+        check_rows(bad, DataConfig(path=bad, format="chat"))
+
+
+def test_mixture_counts_are_exact_seeded_and_cached(tokenizer, tmp_path) -> None:
+    """Three sources in three layouts, weighted 3:2:1: the counts are exact (largest
+    remainder), each drawn example is its source's own, the draw and its key are the same on a
+    second preparation (read from the cache) and change with the weights; rows beyond a
+    source's size repeat it evenly; eval rows come from each source's own eval settings and
+    data.eval_path."""
+    from orchestrator.config import ConfigError
+    from orchestrator.config.data import validate_data
+    from orchestrator.data.mixture import counts, draw
+
+    assert counts([1000] * 3, [{"weight": 3}, {"weight": 2}, {"weight": 1}], 100) == [50, 33, 17]
+    assert counts([100, 30, 1000], [{"weight": 1}] * 3, None) == [30, 30, 30]  # none repeats
+    assert counts([5, 5], [{"rows": 12}, {"rows": 3}], None) == [12, 3]
+    picks = draw(5, 12, 0, 0)
+    assert sorted(picks[:5]) == list(range(5)) and sorted(picks[5:10]) == list(range(5))
+    assert list(draw(5, 12, 0, 0)) == list(picks) and list(draw(5, 12, 0, 1)) != list(picks)
+
+    rows = _tiny_rows(60)
+    alpaca = _write(tmp_path, [json.dumps(r) for r in rows[:40]])
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": r["instruction"]},
+                                                          {"from": "gpt", "value": r["output"]}]}) + "\n"
+                            for r in rows[20:50]))
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text("".join(json.dumps({"prompt": r["instruction"], "completion": r["output"]}) + "\n" for r in rows[40:60]))
+    sources = [{"path": alpaca, "weight": 3, "eval_fraction": 0.1},
+               {"path": str(chat), "format": "chat", "weight": 2},
+               {"path": str(pc), "format": "prompt_completion", "weight": 1, "name": "style"}]
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[50:60]))
+    cfg = DataConfig(sources=sources, mixture_rows=30, eval_path=str(held), cache_dir=str(tmp_path / "cache"),
+                     max_seq_len=256)
+    validate_data(cfg)
+    splits = prepare(cfg, tokenizer)
+    assert [s["drawn"] for s in splits.stats["sources"]] == [15, 10, 5] and len(splits.train) == 30
+    assert [s["examples"] for s in splits.stats["sources"]] == [36, 30, 20]
+    assert splits.stats["sources"][2]["name"] == "style" and len(splits.eval) == 4 + 10
+    assert sum(splits.train.lengths()) == sum(s["tokens_drawn"] for s in splits.stats["sources"])
+    own = {tuple(e.input_ids) for e in load_examples(str(pc), tokenizer, DataConfig(
+        path=str(pc), format="prompt_completion", max_seq_len=256))}
+    from_pc = [e for e, k in zip(splits.train, splits.train._part) if k == 2]
+    assert len(from_pc) == 5 and all(tuple(e.input_ids) in own for e in from_pc)
+    again = prepare(cfg, tokenizer)
+    assert again.cache_hit and again.fingerprint == splits.fingerprint
+    assert [e.input_ids for e in again.train] == [e.input_ids for e in splits.train]
+    import dataclasses
+
+    heavier = dataclasses.replace(cfg, sources=[{**sources[0], "weight": 4}, *sources[1:]])
+    assert prepare(heavier, tokenizer).fingerprint != splits.fingerprint
+    repeated = prepare(dataclasses.replace(cfg, mixture_rows=None, eval_path=None, sources=[
+        {"path": str(pc), "format": "prompt_completion", "rows": 50}, {"path": alpaca, "rows": 3}]), tokenizer)
+    assert [s["drawn"] for s in repeated.stats["sources"]] == [50, 3]
+    # What a mistaken mixture is told.
+    for bad, message in (
+            ({"path": alpaca, "sources": sources}, "data.path=.* and data.sources"),
+            ({"sources": [{"path": alpaca, "wieght": 2}]}, r"data.sources\[0\].wieght is not a source setting"),
+            ({"sources": [{"path": alpaca, "weight": 2}, {"path": alpaca, "rows": 5}]}, "every source a weight"),
+            ({"sources": [{"format": "chat"}]}, r"data.sources\[0\].path is missing"),
+            ({"sources": [{"path": alpaca, "format": "chatml"}]}, r"data.sources\[0\].format='chatml' is not allowed")):
+        with pytest.raises(ConfigError, match=message):
+            validate_data(DataConfig(**bad))

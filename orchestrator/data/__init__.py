@@ -1,8 +1,9 @@
 """Data: read local files, format, tokenize with prompt masking, cache, pack, and hand each rank
 its micro-batches.
 
-    sources   local .jsonl/.json/.parquet/.csv files or shard directories -> chunks of rows
-    formats   alpaca / chat / text rows -> (text, trained) segments
+    sources   local .jsonl/.json/.parquet/.csv files, shard directories, Hugging Face datasets
+              -> chunks of rows
+    formats   alpaca / chat / text / prompt_completion rows -> (text, trained) segments
     chat      a conversation's trained spans from one render of its template
     tokenize  segments -> ids and labels (-100 on prompt), truncation policy
     pipeline  chunks -> worker processes -> Arrow shards written as they come, with progress
@@ -10,6 +11,7 @@ its micro-batches.
     collate   right-padded or packed micro-batches
     budget    token-budget packing of the whole global batch (best-fit decreasing)
     sampler   deterministic per-rank position, checkpointed
+    mixture   several sources, each prepared as above, drawn in exact seeded counts
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from ..config import DataConfig
-from . import pipeline
+from . import mixture, pipeline
 from .cache import ExampleSet, cache_root, example_lengths, fingerprint, lookup, new_entry, publish
 from .budget import PackedRowSampler, TokenBudgetSampler
 from .collate import collate, collate_packed, collate_rows, model_inputs, pack_rows
@@ -31,7 +33,7 @@ from .sources import DataError, Source, chunk_rows, data_files, hub_dataset, is_
 from .tokenize import IGNORE_INDEX, Example
 
 __all__ = [
-    "IGNORE_INDEX", "DataError", "Example", "ExampleSet", "Splits", "StepSampler", "check_rows",
+    "IGNORE_INDEX", "DataError", "Example", "ExampleSet", "Splits", "StepSampler", "check_data", "check_rows",
     "PackedRowSampler", "TokenBudgetSampler", "collate", "collate_packed", "collate_rows", "eval_shard", "example_lengths",
     "format_alpaca",
     "load_examples", "load_splits", "model_inputs", "pack_rows", "prepare", "prepare_prompt", "prompt_row",
@@ -81,6 +83,23 @@ def check_rows(path: str, cfg: DataConfig, split: Optional[str] = None) -> int:
     return n
 
 
+def check_data(cfg: DataConfig) -> None:
+    """check_rows over every source of the run's rows (each mixture source with its own
+    settings); the error names the setting whose rows are bad."""
+    from ..config.data import source_config
+
+    each = [(f"data.sources[{i}].{{key}}", source_config(cfg, i)) for i in range(len(cfg.sources))]
+    each = each or [("data.{key}", cfg)]
+    if cfg.sources and cfg.eval_path:
+        each.append(("data.eval_path", dataclasses.replace(cfg, path=cfg.eval_path, eval_path=None, sources=[])))
+    for label, one in each:
+        for _, key, path, split in split_sources(one):
+            try:
+                check_rows(path, one, split)
+            except DataError as exc:
+                raise DataError(f"{label.format(key=key)}: {exc}") from None
+
+
 def _with_template(cfg: DataConfig, tokenizer) -> DataConfig:
     """The chat template resolved to its text once, before anything is read: a template-less
     tokenizer is refused up front (chat; prompt/completion rows only need one when they are
@@ -101,9 +120,18 @@ def load_examples(path: str, tokenizer, cfg: DataConfig) -> list[Example]:
 
 
 def prepare(cfg: DataConfig, tokenizer) -> Splits:
-    """Tokenized train and eval splits, from the cache when this data was tokenized before."""
+    """Tokenized train and eval splits, from the cache when this data was tokenized before; a
+    mixture (data.sources) from its sources' entries (mixture.py)."""
     cfg = _with_template(cfg, tokenizer)
     _quiet_datasets()
+    if cfg.sources:
+        train, evals, key, stats, hit = mixture.prepare(cfg, tokenizer, _prepare_one, cache_root(cfg))
+        return Splits(train, evals, fingerprint=key, stats=stats, cache_hit=hit)
+    return _prepare_one(cfg, tokenizer)
+
+
+def _prepare_one(cfg: DataConfig, tokenizer) -> Splits:
+    cfg = _with_template(cfg, tokenizer)
     for _, k, path, split in split_sources(cfg):
         try:
             data_files(path) if is_local(path) else hub_dataset(path, split, cfg)
@@ -142,7 +170,7 @@ def describe(splits: Splits) -> list[str]:
             first = (s.get("dropped_first") or ["?"])[0]
             line += f", {s['dropped_too_long']} too long for data.max_seq_len dropped (first: {first})"
         lines.append(line)
-    return lines
+    return lines + mixture.describe_sources(splits.stats)
 
 
 def load_splits(cfg: DataConfig, tokenizer, is_main: bool, broadcast) -> Splits:
@@ -153,7 +181,7 @@ def load_splits(cfg: DataConfig, tokenizer, is_main: bool, broadcast) -> Splits:
     key = broadcast(splits.fingerprint if splits else None)
     if splits is not None:
         return splits
-    hit = lookup(cache_root(cfg) / key)
+    hit = mixture.load(cache_root(cfg), key) if cfg.sources else lookup(cache_root(cfg) / key)
     if hit is None:
         return prepare(cfg, tokenizer)
     return Splits(*hit[:2], fingerprint=key, stats=hit[2], cache_hit=True)

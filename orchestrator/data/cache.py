@@ -164,7 +164,7 @@ def example_lengths(examples: Sequence[Example]) -> "np.ndarray":
     Example per row (what the packing sampler and the planner read), else row by row."""
     import numpy as np
 
-    if isinstance(examples, ExampleSet):
+    if hasattr(examples, "lengths"):  # ExampleSet, or a mixture of them
         return examples.lengths()
     return np.asarray([len(e.input_ids) for e in examples], dtype=np.int64)
 

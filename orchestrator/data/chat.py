@@ -2,7 +2,9 @@
 
 What is trained is defined by the prefix rule: assistant turn i is the text that rendering the
 first i+1 messages adds to rendering the first i with a generation prompt. That is its content
-and its end-of-turn marker, without the role header. Rendering every prefix costs O(turns²)
+(or its tool calls) and its end-of-turn marker, without the role header. A turn of another
+trained role (data.roles_to_train) has no generation prompt to strip: it is trained from where
+its content starts in the text its message adds, to that text's end. Rendering every prefix costs O(turns²)
 per conversation, so instead the template renders the whole conversation once while each
 message notes how much text had been written when the template first read it for its own turn:
 that is where rendering the prefix before it ends. The generation prompt (the assistant header)
@@ -97,50 +99,60 @@ class ChatRenderer:
         self._assistant_first_by_prefix = False
         self.one_render = self._header is not None and self._agrees_on_probes()
 
-    def _render(self, messages: list[dict], generation_prompt: bool, where: str = "") -> str:
+    def _render(self, messages: list[dict], generation_prompt: bool, where: str = "",
+                tools: Optional[list] = None) -> str:
         try:
-            return self._compiled.render(messages=messages, tools=None, documents=None,
+            return self._compiled.render(messages=messages, tools=tools, documents=None,
                                          add_generation_prompt=generation_prompt, **self._context)
         except Exception as exc:  # jinja raises template errors of its own kinds
             raise DataError(f"{where}: the chat template failed ({str(exc).splitlines()[0]})") from None
 
-    def render(self, messages: list[dict], where: str) -> Rendered:
+    def render(self, messages: list[dict], where: str, tools: Optional[list] = None,
+               roles: tuple[str, ...] = ("assistant",)) -> Rendered:
+        """The conversation's text and the spans of its turns of ``roles`` (with ``tools``
+        offered to the template, as a row with tool calls needs)."""
         if self.one_render:
-            found = self._by_one_render(messages, where)
+            found = self._by_one_render(messages, where, tools, roles)
             if found is not None:
                 return found
-        return self.by_prefixes(messages, where)
+        return self.by_prefixes(messages, where, tools, roles)
 
-    def by_prefixes(self, messages: list[dict], where: str) -> Rendered:
+    def by_prefixes(self, messages: list[dict], where: str, tools: Optional[list] = None,
+                    roles: tuple[str, ...] = ("assistant",)) -> Rendered:
         """The defining rule: render every prefix (with and without the assistant header)."""
         spans: Spans = []
         turns: list[int] = []
         done = ""
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] not in roles:
                 continue
-            before = self._render(messages[:i], True, where)
-            after = self._render(messages[: i + 1], False, where)
+            assistant = m["role"] == "assistant"
+            before = self._render(messages[:i], assistant, where, tools)
+            after = self._render(messages[: i + 1], False, where, tools)
             if not (before.startswith(done) and after.startswith(before)):
                 raise DataError(f"{where}: the chat template does not render conversations prefix by prefix, "
-                                "so assistant turns cannot be located; use a template that does")
-            if len(after) > len(before):
-                spans.append((len(before), len(after)))
+                                "so trained turns cannot be located; use a template that does")
+            begin = len(before)
+            if not assistant:  # from the content on (the whole turn when it is not found)
+                begin += max(0, after.find(m["content"].strip(), begin) - begin) if m["content"].strip() else 0
+            if len(after) > begin:
+                spans.append((begin, len(after)))
                 turns.append(i)
             done = after
-        full = self._render(messages, False, where)
+        full = self._render(messages, False, where, tools)
         if not full.startswith(done):
             raise DataError(f"{where}: the chat template does not render conversations prefix by prefix, "
-                            "so assistant turns cannot be located; use a template that does")
+                            "so trained turns cannot be located; use a template that does")
         return Rendered(full, spans, turns)
 
-    def _by_one_render(self, messages: list[dict], where: str) -> Optional[Rendered]:
+    def _by_one_render(self, messages: list[dict], where: str, tools: Optional[list] = None,
+                       roles: tuple[str, ...] = ("assistant",)) -> Optional[Rendered]:
         """Spans from one render, or None when a check fails (the caller then uses the prefixes)."""
         log = _Log()
         seen = [_Seen(m, k, log) for k, m in enumerate(messages)]
         parts = []
         try:
-            for part in self._compiled.generate(messages=seen, tools=None, documents=None,
+            for part in self._compiled.generate(messages=seen, tools=tools, documents=None,
                                                 add_generation_prompt=False, **self._context):
                 parts.append(part)
                 log.written += len(part)
@@ -154,23 +166,29 @@ class ChatRenderer:
             return None
         starts[0] = self._empty or 0
         starts.append(len(text))
+        if any(a > b for a, b in zip(starts, starts[1:])):
+            return None
         header = self._header
         spans: Spans = []
         turns: list[int] = []
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] not in roles:
                 continue
-            begin, end = starts[i] + len(header), starts[i + 1]
-            if not (starts[i] <= starts[i + 1] and text.startswith(header, starts[i]) and begin <= end):
-                return None
             content = m["content"].strip()
-            if content and text.find(content, begin, end) < 0:
-                return None
+            end = starts[i + 1]
+            if m["role"] == "assistant":
+                begin = starts[i] + len(header)
+                if not (text.startswith(header, starts[i]) and begin <= end):
+                    return None
+                if content and text.find(content, begin, end) < 0:
+                    return None
+            else:
+                begin = text.find(content, starts[i], end) if content else starts[i]
+                if begin < 0:
+                    return None
             if end > begin:
                 spans.append((begin, end))
                 turns.append(i)
-        if any(a > b for a, b in zip(starts, starts[1:])):
-            return None
         return Rendered(text, spans, turns)
 
     def _agrees_on_probes(self) -> bool:

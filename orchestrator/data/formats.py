@@ -7,8 +7,10 @@ trained segment.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from ..config import DataConfig
 from .sources import DataError
@@ -63,13 +65,81 @@ def _text(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
 
 
 #: ShareGPT's role names (with LLaMA-Factory's sharegpt tool roles) onto the chat templates'.
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "observation": "tool", "function": "tool"}
+#: LLaMA-Factory's function_call turn is the assistant's, its value the call as JSON.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "observation": "tool", "function": "tool",
+                  "function_call": "assistant"}
+#: Keys of a message the templates read besides role and content (OpenAI's tool-call layout).
+_PASSED = ("tool_call_id", "name", "reasoning_content")
+
+
+def _json(value: object) -> object:
+    """A JSON document stored as a string (LLaMA-Factory's tools, OpenAI's arguments), parsed;
+    anything else as it is."""
+    if isinstance(value, str) and value.strip()[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _tool_calls(calls: object, where: str, i: int) -> list[dict]:
+    """OpenAI's tool_calls as the chat templates read them: {"type": "function", "function":
+    {"name", "arguments"}} with the arguments a mapping (they are stored as a JSON string)."""
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: message {i}: tool_calls must be a non-empty list of calls")
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError(f"{where}: message {i}: a tool call needs a function name "
+                            "({\"function\": {\"name\": ..., \"arguments\": {...}}})")
+        norm = {"type": "function", "function": {"name": fn["name"], "arguments": _json(fn.get("arguments") or {})}}
+        if isinstance(call.get("id"), str):
+            norm["id"] = call["id"]
+        out.append(norm)
+    return out
+
+
+def _message(m: object, i: int, cfg: DataConfig, roles: dict, where: str) -> dict:
+    """One message as the templates take it: role (mapped), content (a string), and, where
+    present, tool calls, the tool result's call id and name. Keys whose value is null are left
+    out (Arrow gives every message every key; Llama 3.1's template tests for the key)."""
+    if not isinstance(m, dict):
+        raise DataError(f"{where}: message {i} must be an object with role and content, got {type(m).__name__}")
+    role_key = cfg.role_field or ("from" if "from" in m and "role" not in m else "role")
+    content_key = cfg.content_field or ("value" if "value" in m and "content" not in m else "content")
+    role, content = m.get(role_key), m.get(content_key)
+    if not isinstance(role, str):
+        raise DataError(f"{where}: message {i} needs a string {role_key!r}, got "
+                        f"{'nothing' if role is None else type(role).__name__} (messages are read as "
+                        "role/content or ShareGPT's from/value; set data.role_field and data.content_field "
+                        "for other keys)")
+    out: dict = {"role": roles.get(role, role)}
+    calls = m.get("tool_calls")
+    if role == "function_call" and calls is None:  # LLaMA-Factory: the call is the value
+        calls, content = _json(content), ""
+    if calls is not None:
+        out["tool_calls"] = _tool_calls(calls, where, i)
+        content = "" if content is None else content
+    elif out["role"] == "tool" and isinstance(content, (dict, list)):
+        content = json.dumps(content, ensure_ascii=False)
+    if not isinstance(content, str):
+        raise DataError(f"{where}: message {i} needs a string {content_key!r}, got "
+                        f"{'nothing' if content is None else type(content).__name__} (only a message "
+                        "with tool_calls may have none)")
+    out["content"] = content
+    for key in _PASSED:
+        if m.get(key) is not None:
+            out[key] = m[key]
+    return out
 
 
 def conversation(row: dict, cfg: DataConfig, where: str) -> list[dict]:
     """A row's conversation as ``{"role", "content"}`` messages with the templates' role names,
-    whatever layout it came in (OpenAI/TRL messages, ShareGPT, or data.role_field /
-    data.content_field / data.role_map)."""
+    whatever layout it came in (OpenAI/TRL messages with tool calls, ShareGPT, or
+    data.role_field / data.content_field / data.role_map)."""
     name = cfg.messages_field
     if row.get(name) is None and name == "messages" and row.get("conversations") is not None:
         name = "conversations"
@@ -80,29 +150,30 @@ def conversation(row: dict, cfg: DataConfig, where: str) -> list[dict]:
         raise DataError(f"{where}: field {name!r} must be a non-empty list of messages, "
                         f"got {type(messages).__name__ if not isinstance(messages, list) else 'an empty list'}")
     roles = {**SHAREGPT_ROLES, **cfg.role_map}
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: message {i} must be an object with role and content, got {type(m).__name__}")
-        keys = (cfg.role_field or ("from" if "from" in m and "role" not in m else "role"),
-                cfg.content_field or ("value" if "value" in m and "content" not in m else "content"))
-        for key in keys:
-            if not isinstance(m.get(key), str):
-                got = "nothing" if m.get(key) is None else type(m.get(key)).__name__
-                raise DataError(f"{where}: message {i} needs a string {key!r}, got {got} (messages are read "
-                                "as role/content or ShareGPT's from/value; set data.role_field and "
-                                "data.content_field for other keys)")
-        out.append({"role": roles.get(m[keys[0]], m[keys[0]]), "content": m[keys[1]]})
-    return out
+    return [_message(m, i, cfg, roles, where) for i, m in enumerate(messages)]
+
+
+def row_tools(row: dict, cfg: DataConfig, where: str) -> Optional[list]:
+    """The functions a row offers (data.tools_field: a list of JSON schemas, or that list as a
+    JSON string, as LLaMA-Factory stores it), passed to the chat template as ``tools``."""
+    tools = _json(row.get(cfg.tools_field))
+    if tools in (None, "", []):
+        return None
+    tools = [tools] if isinstance(tools, dict) else tools
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: field {cfg.tools_field!r} must be a list of function schemas "
+                        f"(objects, or that list as a JSON string), got {type(tools).__name__}")
+    return tools
 
 
 def check_messages(row: dict, cfg: DataConfig, where: str) -> list[dict]:
     """The row's conversation (``conversation``), refused when nothing in it is trained."""
     messages = conversation(row, cfg, where)
-    if not any(m["role"] == "assistant" for m in messages):
+    if not any(m["role"] in cfg.roles_to_train for m in messages):
         seen = sorted({m["role"] for m in messages})
-        raise DataError(f"{where}: no assistant message to train on (roles {', '.join(seen)}; "
-                        "data.role_map maps other names onto user/assistant/system/tool)")
+        raise DataError(f"{where}: no {' or '.join(cfg.roles_to_train)} message to train on (roles "
+                        f"{', '.join(seen)}; data.roles_to_train says which are trained, data.role_map "
+                        "maps other names onto user/assistant/system/tool)")
     return messages
 
 
@@ -123,38 +194,43 @@ def chat_template(cfg: DataConfig, tokenizer) -> str:
 
 
 def _chat(row: dict, cfg: DataConfig, where: str, tokenizer) -> Formatted:
-    """Assistant turns (content and end-of-turn marker) are the trained segments, located in
-    one render of the conversation (chat.py says how, and when it renders prefix by prefix)."""
-    return _rendered(check_messages(row, cfg, where), 0, cfg, where, tokenizer)
+    """The turns of data.roles_to_train (the assistant's: content and end-of-turn marker) are the
+    trained segments, located in one render of the conversation (chat.py says how, and when it
+    renders prefix by prefix)."""
+    return _rendered(check_messages(row, cfg, where), 0, cfg, where, tokenizer, row_tools(row, cfg, where))
 
 
-def _rendered(messages: list[dict], first_trained: int, cfg: DataConfig, where: str, tokenizer) -> Formatted:
-    """A conversation rendered with the run's template; the assistant turns from message
-    ``first_trained`` on are trained."""
+def _rendered(messages: list[dict], first_trained: int, cfg: DataConfig, where: str, tokenizer,
+              tools: Optional[list] = None) -> Formatted:
+    """A conversation rendered with the run's template (and the row's tools); the turns of
+    data.roles_to_train from message ``first_trained`` on are trained."""
     from .chat import renderer
 
-    rendered = renderer(chat_template(cfg, tokenizer), tokenizer).render(messages, where)
+    rendered = renderer(chat_template(cfg, tokenizer), tokenizer).render(
+        messages, where, tools=tools, roles=tuple(cfg.roles_to_train))
     full = rendered.text
     segments: list[tuple[str, bool]] = []
     at = 0
     turns = [i for i in rendered.turns if i >= first_trained]
+    texts = []
     for (start, end), turn in zip(rendered.spans, rendered.turns):
         if turn >= first_trained:
             segments += [(full[at:start], False), (full[start:end], True)]
+            texts.append(messages[turn]["content"] or full[start:end])  # a tool call: its rendering
             at = end
     segments.append((full[at:], False))
     keep = [s for s in segments if s[0]]
     if not turns:
-        raise DataError(f"{where}: no assistant turn to train on renders any text")
+        raise DataError(f"{where}: no turn of data.roles_to_train={list(cfg.roles_to_train)} renders any text")
     target_index = max(i for i, s in enumerate(keep) if s[1])
     bos = getattr(tokenizer, "bos_token", None)
     eos = getattr(tokenizer, "eos_token", None)
     return Formatted(
-        keep, target_index, messages[_last_assistant(messages)]["content"],
+        keep, target_index, texts[-1],
         add_special_tokens=not (bos and full.startswith(bos)),
         # Without an EOS in the template the model would never learn to stop.
         eos_after_target=not (eos and eos in full),
-        whole=True, targets=[messages[i]["content"] for i in turns],
+        whole=True, targets=texts,
     )
 
 
@@ -167,8 +243,9 @@ def prompt_completion(row: dict, cfg: DataConfig, where: str) -> tuple[object, o
     if isinstance(prompt, list) and isinstance(completion, list):
         both = conversation({cfg.messages_field: [*prompt, *completion]}, cfg, where)
         prompt, completion = both[: len(prompt)], both[len(prompt):]
-        if not any(m["role"] == "assistant" for m in completion):
-            raise DataError(f"{where}: field {cfg.completion_field!r} has no assistant message to train on")
+        if not any(m["role"] in cfg.roles_to_train for m in completion):
+            raise DataError(f"{where}: field {cfg.completion_field!r} has no message of data.roles_to_train="
+                            f"{list(cfg.roles_to_train)} to train on")
         return prompt, completion
     kinds = f"{type(prompt).__name__ if prompt is not None else 'nothing'} and " \
             f"{type(completion).__name__ if completion is not None else 'nothing'}"
@@ -182,11 +259,7 @@ def _prompt_completion(row: dict, cfg: DataConfig, where: str, tokenizer) -> For
     prompt, completion = prompt_completion(row, cfg, where)
     if isinstance(prompt, str):
         return Formatted([(prompt, False), (completion, True)], 1, completion, True, True)
-    return _rendered([*prompt, *completion], len(prompt), cfg, where, tokenizer)
-
-
-def _last_assistant(messages: list[dict]) -> int:
-    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return _rendered([*prompt, *completion], len(prompt), cfg, where, tokenizer, row_tools(row, cfg, where))
 
 
 FORMATS = {"alpaca": _alpaca, "chat": _chat, "text": _text, "prompt_completion": _prompt_completion}

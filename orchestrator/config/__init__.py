@@ -18,23 +18,15 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+from .data import DATA_CHOICES, DataConfig, validate_data
+from .errors import AUTO, ConfigError, is_auto
+
+_PACKAGE = Path(__file__).resolve().parent.parent  # orchestrator/
+ASSETS_DIR = _PACKAGE / "assets"
 # A wheel carries the repository's conf/ as orchestrator/_conf (setup.py); a clone and an
 # editable install read conf/ at the top of the repository.
-_PACKAGED_CONF = Path(__file__).resolve().parent / "_conf"
-CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf"
-
-
-class ConfigError(ValueError):
-    """A config value that is wrong; the message names the key, the value and what is allowed."""
-
-
-AUTO = "auto"
-
-
-def is_auto(value: Any) -> bool:
-    """A setting left to the planner (trainer.micro_batch_size, model.gradient_checkpointing)."""
-    return isinstance(value, str) and value == AUTO
+_PACKAGED_CONF = _PACKAGE / "_conf"
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _PACKAGE.parent / "conf"
 
 
 def _asset(name: str) -> str:
@@ -101,77 +93,6 @@ class LoraConfig:
     init_from: Optional[str] = None
     bias: str = "none"
     use_rslora: bool = False
-
-
-@dataclass
-class DataConfig:
-    # alpaca: instruction / optional input / output fields; chat: a list of {role, content}
-    # messages rendered with the tokenizer's chat template; text: raw text (continued pretraining);
-    # prompt_completion: TRL's prompt/completion rows, plain or conversational.
-    format: str = "alpaca"
-    # A local .jsonl, .json, .parquet or .csv file, or a directory of such shards; a directory
-    # written by datasets' save_to_disk; or, where no such local path exists, a Hugging Face
-    # dataset's repository id (org/name), read through datasets.load_dataset so that HF_HOME's
-    # cache, HF_HUB_OFFLINE and the user's login apply as everywhere else.
-    path: str = MISSING
-    # For a Hugging Face dataset: its config (subset) name, the split to train on, the revision
-    # (branch, tag or commit) and data_files (files of the repository to read).
-    config_name: Optional[str] = None
-    split: str = "train"
-    revision: Optional[str] = None
-    data_files: Optional[list[str]] = None
-    # Eval split from its own file or dataset (eval_split names that dataset's split, else
-    # data.split); or eval_split alone: another split of data.path's dataset; or hold out
-    # eval_fraction of the training rows instead.
-    eval_path: Optional[str] = None
-    eval_split: Optional[str] = None
-    eval_fraction: float = 0.0
-    # Seed of the held-out split (fixed apart from the trainer seed, so it never moves).
-    split_seed: int = 0
-    max_seq_len: int = 512
-    # Examples longer than max_seq_len: right (keep the start; chat keeps whole turns first),
-    # left (keep the end, the response), drop (skip them), error (stop at the first one). Under
-    # right and left an example left with no trained token is dropped; counts are reported.
-    truncation: str = "right"
-    # Compute the loss on prompt tokens as well as on the response.
-    train_on_prompt: bool = False
-    # Pack several examples into each row (position ids restart per example, no attention
-    # across examples) instead of padding every example to the longest in the micro-batch.
-    packing: bool = False
-    # What packing packs: step (each step's global batch of trainer.global_batch_size examples,
-    # the same examples and loss as unpacked) or dataset (the whole set once, as TRL and
-    # torchtune do; trainer.global_batch_size then counts rows of max_seq_len, ~98% full).
-    packing_scope: str = "step"
-    # A malformed row stops the run (error) or is skipped and counted (skip).
-    on_bad_row: str = "error"
-    # Tokenized data cache, keyed by data, tokenizer and settings; null:
-    # $QLORA_ORCHESTRATOR_CACHE or ~/.cache/qlora-orchestrator/data.
-    cache_dir: Optional[str] = None
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    prompt_template: str = (
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-    )
-    # Template for rows whose input field is empty or absent.
-    prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
-    # The field holding a conversation; when a row lacks the default "messages" its
-    # "conversations" is read (ShareGPT's field).
-    messages_field: str = "messages"
-    # Keys of a message's role and text: null reads role/content, or from/value in a message that
-    # has those instead (ShareGPT). Role names are mapped onto the template's: ShareGPT's human,
-    # gpt, observation and function are known; role_map adds to or overrides them.
-    role_field: Optional[str] = None
-    content_field: Optional[str] = None
-    role_map: dict[str, str] = field(default_factory=dict)
-    # Jinja chat template (inline, or a path to a .jinja file) for tokenizers without one.
-    chat_template: Optional[str] = None
-    text_field: str = "text"
-    # prompt_completion (TRL's): two strings, or two lists of messages; the loss is on the completion.
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
-    # Worker processes that tokenize (null: the cores of the machine that prepares the data).
-    num_proc: Optional[int] = None
 
 
 @dataclass
@@ -437,10 +358,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.storage_dtype": ("auto", "uint8", "bf16", "fp16", "fp32"),
     "quant.frozen_dtype": ("compute", "fp32"),
     "lora.bias": ("none", "all", "lora_only"),
-    "data.format": ("alpaca", "chat", "text", "prompt_completion"),
-    "data.truncation": ("right", "left", "drop", "error"),
-    "data.on_bad_row": ("error", "skip"),
-    "data.packing_scope": ("step", "dataset"),
     "optim.scheduler": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
     "trainer.on_nonfinite": ("stop", "skip"),
@@ -518,7 +435,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not allowed; it must be {need}")
 
     _check_auto(cfg)
-    for key in ("lora.r", "lora.alpha", "data.max_seq_len", "trainer.global_batch_size",
+    for key in ("lora.r", "lora.alpha", "trainer.global_batch_size",
                 "trainer.eval_batch_size", "optim.lr",
                 "trainer.eval_max_new_tokens", "logger.every_n_steps", "sweep.n_trials",
                 "plan.gpu_memory_gb", "plan.intra_node_gb_per_s", "plan.inter_node_gbit_per_s",
@@ -535,16 +452,7 @@ def validate(cfg: RunConfig) -> None:
         positive("plan.overhead_gb", allow_zero=True)
     if cfg.plan.host_memory_gb is not None:
         positive("plan.host_memory_gb")
-    if cfg.data.num_proc is not None:
-        positive("data.num_proc")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(
-            f"data.eval_fraction={cfg.data.eval_fraction!r} is not allowed; it must be in [0, 1)"
-        )
-    named = [f"data.{k}={getattr(cfg.data, k)!r}" for k in ("eval_path", "eval_split") if getattr(cfg.data, k)]
-    if cfg.data.eval_fraction > 0 and named:
-        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction!r} and {named[0]}: "
-                          "choose one source for the eval split")
+    validate_data(cfg.data)
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout={cfg.lora.dropout!r} is not allowed; it must be in [0, 1)")
     if cfg.lora.target_parameters and cfg.lora.dropout != 0.0:
@@ -562,8 +470,6 @@ def validate(cfg: RunConfig) -> None:
             f"trainer.max_steps={cfg.trainer.max_steps} and trainer.epochs={cfg.trainer.epochs}: "
             "set max_steps > 0 or epochs > 0"
         )
-    if cfg.data.packing_scope == "dataset" and not cfg.data.packing:
-        raise ConfigError("data.packing_scope=dataset needs data.packing=true")
     if not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules=[] is not allowed; name modules or use [all-linear]")
     if cfg.quant.method == "none" and cfg.quant.storage_dtype not in ("auto",):
