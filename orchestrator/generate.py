@@ -70,7 +70,7 @@ class Chat:
     def __init__(self, run_dir: Path, merged: Optional[Path] = None,
                  device: Optional[torch.device] = None):
         from .distributed import resolve_precision
-        from .model import compute_autocast, disable_cpu_repacking, load_tokenizer, load_with_adapter
+        from .model import compute_autocast, contiguous_head_input, disable_cpu_repacking, load_tokenizer, load_with_adapter
 
         self.cfg = run_config(run_dir)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,6 +81,7 @@ class Chat:
             if not (merged / "config.json").exists():
                 raise GenerateError(f"merged={merged}: no config.json; make one with orchestrate merge")
             self.model = AutoModelForCausalLM.from_pretrained(str(merged), device_map={"": self.device})
+            contiguous_head_input(self.model)
             self.tokenizer = AutoTokenizer.from_pretrained(str(merged))
         else:
             adapter = run_dir / "adapter"

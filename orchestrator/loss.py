@@ -15,7 +15,8 @@ hidden states (and to the head weight if it trains), as Liger's fused linear cro
 does: the backward only scales the stored gradients, so the head's matmul runs twice per
 labelled token (like the plain loss) instead of three times (like recomputing losses), and
 ZeRO-3 never has to gather the head again for the backward. Peak memory of the loss is one
-chunk's logits (``CHUNK_ELEMENTS`` fp32 values, 64 MiB) instead of all of them.
+chunk's logits (``CHUNK_ELEMENTS`` fp32 values, 64 MiB; with their compute-dtype form in bf16)
+instead of all of them: the log-sum-exp and the softmax are taken in place over the chunk.
 
 Numerics equal the plain path's: the head's matmul in the compute dtype (autocast's), the
 softmax and loss in fp32, the gradient rounded to the compute dtype before its matmuls.
@@ -72,19 +73,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[s:s + chunk].to(dtype)
             t = targets[s:s + chunk]
             logits = (h @ w.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(t.numel(), device=t.device)
-            total += (lse - logits[rows, t]).sum()
+            picked = logits[rows, t]
+            # logsumexp and softmax in place over the chunk: torch.logsumexp would allocate two
+            # more chunk-sized temporaries (3x the chunk's bytes at the peak, measured)
+            top = logits.amax(dim=-1, keepdim=True)
+            norm = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total += (top.squeeze(-1) + norm.log().squeeze(-1) - picked).sum()
             if need_h or need_w:
-                # d loss / d logits = softmax - onehot, computed in place over the chunk's logits
-                g = logits.sub_(lse.unsqueeze(-1)).exp_()
+                # d loss / d logits = softmax - onehot
+                g = logits.div_(norm)
                 g[rows, t] -= 1.0
                 g = g.to(dtype)
                 if need_h:
                     grad_h[s:s + chunk] = (g @ w).to(hidden.dtype)
                 if need_w:
                     grad_w.addmm_(g.t().to(acc), h.to(acc))
-            del logits
+            logits = g = None  # both name the chunk: free it before the next one is made
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.need = (need_h, need_w)
         ctx.weight_dtype = weight.dtype

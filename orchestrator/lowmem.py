@@ -24,7 +24,7 @@ from torch import nn
 from .config import LoraConfig, ModelConfig, QuantConfig
 from . import faults
 from .distributed import DistInfo, broadcast_object, while_rank0_works
-from .model import attach_lora, disable_cpu_repacking, load_base, prepare_loaded
+from .model import attach_lora, contiguous_head_input, disable_cpu_repacking, load_base, prepare_loaded
 
 
 @dataclass
@@ -118,6 +118,7 @@ def _skeleton(spec: ModelSpec, model_cfg: ModelConfig, lora: LoraConfig, compute
         base.hf_quantizer = AutoHfQuantizer.from_config(spec.config.quantization_config)
         disable_cpu_repacking(base)
     # No cast on the skeleton: _match gives every tensor rank 0's dtype (quant.frozen_dtype's).
+    contiguous_head_input(base)
     prepare_loaded(base, model_cfg, quantized=bool(spec.quantized))
     model = attach_lora(base, lora)
     _match(model, spec)

@@ -93,12 +93,26 @@ def load_base(
                      len(replaced), replaced[0])
         disable_cpu_repacking(model)
         check_coverage(coverage(model), quant.method, quant.allow_unquantized)
+    contiguous_head_input(model)
     if prepare_for_training:
         prepare_loaded(model, model_cfg, quantized=qconfig is not None, frozen_dtype=quant.frozen_dtype)
     else:
         model.config.use_cache = False
         model.requires_grad_(False)
     return model
+
+
+def contiguous_head_input(model: nn.Module) -> None:
+    """Hand the output head a contiguous input. Generation's prefill gives it a strided slice of
+    the last positions (``hidden[:, -1:, :]``); torch 2.13's bf16 CPU linear cannot fold such an
+    input into one matrix and multiplies batch by batch with the weight expanded per sequence,
+    materialising batch x vocabulary x hidden values: +2.4 GB for 16 prompts at Qwen's 151k
+    vocabulary and hidden 512 (benchmarks/RESULTS.md, #28), where the copy of the slice costs
+    16 x hidden. Harmless wherever the input is already contiguous (training, the chunked loss)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module) and not getattr(head, "_contiguous_input", False):
+        head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]) if args else args)
+        head._contiguous_input = True
 
 
 def prepare_loaded(model: nn.Module, model_cfg: ModelConfig, quantized: bool,
