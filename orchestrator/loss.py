@@ -16,7 +16,9 @@ does: the backward only scales the stored gradients, so the head's matmul runs t
 labelled token (like the plain loss) instead of three times (like recomputing losses), and
 ZeRO-3 never has to gather the head again for the backward. Peak memory of the loss is one
 chunk's logits (``CHUNK_ELEMENTS`` fp32 values, 64 MiB; with their compute-dtype form in bf16)
-instead of all of them: the log-sum-exp and the softmax are taken in place over the chunk.
+instead of all of them: the log-sum-exp and the softmax are taken in place over the chunk, in
+buffers every chunk of a step reuses, and the last chunk is padded to a few fixed sizes, so
+neither the allocator nor oneDNN's per-shape kernels grow with the number of labelled positions.
 
 Numerics equal the plain path's: the head's matmul in the compute dtype (autocast's), the
 softmax and loss in fp32, the gradient rounded to the compute dtype before its matmuls.
@@ -69,27 +71,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk].to(dtype)
-            t = targets[s:s + chunk]
-            logits = (h @ w.t()).to(acc)
-            rows = torch.arange(t.numel(), device=t.device)
-            picked = logits[rows, t]
-            # logsumexp and softmax in place over the chunk: torch.logsumexp would allocate two
-            # more chunk-sized temporaries (3x the chunk's bytes at the peak, measured)
-            top = logits.amax(dim=-1, keepdim=True)
-            norm = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            total += (top.squeeze(-1) + norm.log().squeeze(-1) - picked).sum()
-            if need_h or need_w:
-                # d loss / d logits = softmax - onehot
-                g = logits.div_(norm)
-                g[rows, t] -= 1.0
-                g = g.to(dtype)
-                if need_h:
-                    grad_h[s:s + chunk] = (g @ w).to(hidden.dtype)
-                if need_w:
-                    grad_w.addmm_(g.t().to(acc), h.to(acc))
-            logits = g = None  # both name the chunk: free it before the next one is made
+        # One buffer for every chunk's fp32 logits (and one for their compute-dtype forms), so a
+        # step's chunks reuse the same memory instead of allocating and freeing ~100 MB each:
+        # on CPU freed blocks of varying size fragmented glibc's heap (RSS grew with every new
+        # count of labelled positions, measured).
+        rows_max = min(chunk, -(-hidden.shape[0] // ALIGN_ROWS) * ALIGN_ROWS)
+        buf = torch.empty((rows_max, weight.shape[0]), dtype=acc, device=hidden.device)
+        low = None if dtype == acc else torch.empty(buf.shape, dtype=dtype, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit here
+            for s in range(0, hidden.shape[0], chunk):
+                h, t, n = _padded(hidden[s:s + chunk].to(dtype), targets[s:s + chunk], chunk)
+                m = h.shape[0]
+                logits = buf[:m]
+                if low is None:
+                    torch.mm(h, w.t(), out=logits)
+                else:
+                    torch.mm(h, w.t(), out=low[:m])
+                    logits.copy_(low[:m])
+                rows = torch.arange(m, device=t.device)
+                picked = logits[rows, t]
+                # log-sum-exp and softmax in place: torch.logsumexp would allocate two more
+                # chunk-sized temporaries (3x the chunk's bytes at the peak, measured)
+                top = logits.amax(dim=-1, keepdim=True)
+                norm = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                total += (top.squeeze(-1) + norm.log().squeeze(-1) - picked)[:n].sum()
+                if need_h or need_w:
+                    # d loss / d logits = softmax - onehot (padding rows: zero inputs, results dropped)
+                    g = logits.div_(norm)
+                    g[rows, t] -= 1.0
+                    if low is not None:
+                        g = low[:m].copy_(g)
+                    if need_h:
+                        grad_h[s:s + n] = (g @ w)[:n].to(hidden.dtype)
+                    if need_w:
+                        grad_w.addmm_(g[:n].t().to(acc), h[:n].to(acc))
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.need = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
@@ -102,6 +117,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = saved.pop(0) * grad_out if need_h else None  # a 0-d factor keeps the dtype
         grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if need_w else None
         return grad_h, grad_w, None, None, None
+
+
+#: The last chunk's rows are padded to a multiple of this: the number of labelled positions
+#: changes every micro-batch, and on CPU oneDNN compiles and keeps a kernel per matmul shape
+#: (for a 151k-row weight ~30 MB each in bf16: memory grew every step, measured), so the
+#: shapes come from a handful (chunk / ALIGN) instead. GPUs' GEMMs gain from it too.
+ALIGN_ROWS = 32
+
+
+def _padded(h: torch.Tensor, t: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(rows, targets) padded with zero rows (target 0) to ALIGN_ROWS' multiple, and the count
+    of real rows; full chunks as they are."""
+    n = h.shape[0]
+    m = min(chunk, -(-n // ALIGN_ROWS) * ALIGN_ROWS)
+    if m == n:
+        return h, t, n
+    return torch.cat([h, h.new_zeros(m - n, h.shape[1])]), torch.cat([t, t.new_zeros(m - n)]), n
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

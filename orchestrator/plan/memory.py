@@ -203,16 +203,15 @@ def loss_bytes(shape: ModelShape, s: Setup, tokens: int, training: bool) -> floa
     Plain: the compute-dtype logits, their fp32 copy and, training, log-softmax's output and the
     gradients (fp32 and compute dtype); evaluating, the fp32 copy and its log-softmax.
     Chunked (loss.py): the labelled positions' hidden states gathered into one tensor, and one
-    chunk's logits in fp32 (log-sum-exp and softmax are taken in place), beside, in bf16, their
-    compute-dtype forms (the matmul's output, then the gradient's cast): 4 bytes per logit in
-    fp32, measured 8.7 in bf16 at a 151k vocabulary (4 + 2 x 2 planned, the rest heap slack);
-    its saved gradient is in _saved_loss_bytes.
+    chunk's logits in an fp32 buffer (log-sum-exp and softmax taken in place), beside, in bf16,
+    a buffer for their compute-dtype form: 4 bytes per logit in fp32 (measured 4.5 at a 151k
+    vocabulary), 6 in bf16 (measured 7.0); its saved gradient is in _saved_loss_bytes.
     """
     b = s.compute_bytes
     if s.loss != "chunked":
         return tokens * shape.vocab * (b + (12 if training else 8)) + (
             _head_copy_bytes(shape, s) if training else 0.0)
-    chunk = _loss_rows(shape, s, tokens) * shape.vocab * (4 + (2 * b if b < 4 else 0))
+    chunk = _loss_rows(shape, s, tokens) * shape.vocab * (4 + (b if b < 4 else 0))
     return chunk + tokens * shape.hidden * residual_bytes(s) + _head_copy_bytes(shape, s)
 
 
