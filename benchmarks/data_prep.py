@@ -16,6 +16,11 @@ alone; its workers' peak beside it).
     python benchmarks/data_prep.py --rows 100000            # chat and alpaca, 100k rows each
     python benchmarks/data_prep.py --rows 1000000 --formats chat
     python benchmarks/data_prep.py --path my.jsonl --format chat
+    python benchmarks/data_prep.py --rows 100000 --mixture  # chat, alpaca, prompt/completion 6:3:1
+
+``--mixture`` prepares three sources in three formats as one weighted mixture (data.sources,
+the largest mixture that repeats no example); the baseline maps each source as above and draws
+the same shares with ``datasets.interleave_datasets`` (probabilities, first_exhausted).
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ def generate(kind: str, rows: int, seed: int, scale: float = 1.0) -> Path:
             if kind == "alpaca":
                 row = {"instruction": text(15), "input": text(30) if rng.random() < 0.4 else "",
                        "output": text(60, 1.0)}
+            elif kind == "prompt_completion":
+                row = {"prompt": text(25), "completion": text(60, 1.0)}
             else:
                 messages = [{"role": "system", "content": text(20)}] if rng.random() < 0.3 else []
                 for _ in range(1 + min(int(rng.geometric(0.35)), 9)):  # 1-10 exchanges, mostly few
@@ -120,16 +127,26 @@ def _peaks() -> dict:
     return {"peak_rss_mb": round(me), "workers_peak_rss_mb": round(kids)}
 
 
+#: --mixture: (format, weight) of its three sources.
+MIXTURE = (("chat", 6), ("alpaca", 3), ("prompt_completion", 1))
+
+
 def run_ours(path: Path, fmt: str, max_len: int, num_proc: int, cache: Path) -> dict:
     from orchestrator.config import DataConfig
     from orchestrator.data import describe, prepare
 
     tok = _tokenizer()
-    cfg = DataConfig(path=str(path), format=fmt, max_seq_len=max_len, cache_dir=str(cache), num_proc=num_proc)
+    if fmt == "mixture":  # path: the sources as JSON [[path, format, weight], ...]
+        sources = [{"path": p, "format": f, "weight": w} for p, f, w in json.loads(str(path))]
+        cfg = DataConfig(sources=sources, max_seq_len=max_len, cache_dir=str(cache), num_proc=num_proc)
+    else:
+        cfg = DataConfig(path=str(path), format=fmt, max_seq_len=max_len, cache_dir=str(cache), num_proc=num_proc)
     t0 = time.perf_counter()
     splits = prepare(cfg, tok)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "examples": len(splits.train), "line": describe(splits)[0], **_peaks()}
+    prepared = sum(s["examples"] for s in splits.stats["sources"]) if fmt == "mixture" else len(splits.train)
+    return {"seconds": seconds, "examples": len(splits.train), "prepared": prepared,
+            "line": "; ".join(describe(splits)), **_peaks()}
 
 
 def run_baseline(path: Path, fmt: str, max_len: int, num_proc: int, cache: Path) -> dict:
@@ -145,16 +162,33 @@ def run_baseline(path: Path, fmt: str, max_len: int, num_proc: int, cache: Path)
 
     def alpaca(row):
         prompt = (PROMPT if row["input"] else PROMPT_NO_INPUT).format(**row)
+        return completion(prompt, row["output"])
+
+    def completion(prompt: str, answer: str) -> dict:
         p = tok(prompt)["input_ids"]
-        c = tok(row["output"], add_special_tokens=False)["input_ids"] + [eos]
+        c = tok(answer, add_special_tokens=False)["input_ids"] + [eos]
         return {"input_ids": (p + c)[:max_len], "completion_mask": ([0] * len(p) + [1] * len(c))[:max_len]}
 
+    fns = {"chat": chat, "alpaca": alpaca,
+           "prompt_completion": lambda row: completion(row["prompt"], row["completion"])}
     t0 = time.perf_counter()
-    ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache))
-    loaded = time.perf_counter()
-    out = ds.map(chat if fmt == "chat" else alpaca, num_proc=num_proc, remove_columns=ds.column_names)
+    parts = [(str(path), fmt, 1)] if fmt != "mixture" else json.loads(str(path))
+    mapped, loaded = [], 0.0
+    for p, f, _ in parts:
+        t = time.perf_counter()
+        ds = datasets.load_dataset("json", data_files=p, split="train", cache_dir=str(cache))
+        loaded += time.perf_counter() - t
+        mapped.append(ds.map(fns[f], num_proc=num_proc, remove_columns=ds.column_names))
+    if fmt == "mixture":
+        weights = [w for _, _, w in parts]
+        same = [m.select_columns(["input_ids"]) for m in mapped]  # one schema (no copy)
+        out = datasets.interleave_datasets(same, probabilities=[w / sum(weights) for w in weights], seed=0,
+                                           stopping_strategy="first_exhausted")
+    else:
+        out = mapped[0]
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "map_seconds": time.perf_counter() - loaded, "examples": len(out), **_peaks()}
+    return {"seconds": seconds, "map_seconds": seconds - loaded, "examples": len(out),
+            "prepared": sum(len(m) for m in mapped), **_peaks()}
 
 
 def _one(args) -> None:
@@ -188,6 +222,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="median text length factor")
     ap.add_argument("--only-ours", action="store_true", help="skip the baseline (peak RSS at size)")
+    ap.add_argument("--mixture", action="store_true",
+                    help="one weighted mixture of chat, alpaca and prompt/completion sources (6:3:1)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -196,26 +232,30 @@ def main() -> None:
     _tokenizer()  # built once, before anything is timed
     jobs = [(Path(args.path), args.format)] if args.path else [
         (generate(k, args.rows, args.seed, args.scale), k) for k in args.formats.split(",")]
+    if args.mixture:
+        sources = [[str(generate(f, args.rows * w // 6, args.seed, args.scale)), f, w] for f, w in MIXTURE]
+        jobs = [(Path(json.dumps(sources)), "mixture")]
     print(f"num_proc={args.num_proc}, max_seq_len={args.max_seq_len}, Qwen2.5 151k BPE tokenizer", flush=True)
     print("| data | rows | ours ex/s | baseline ex/s (map only) | ours / baseline (/ map only) "
           "| our launcher peak RSS MB (workers) | baseline peak RSS MB (workers) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for path, fmt in jobs:
         ours = _measure("ours", path, fmt, args)
-        n = sum(1 for line in path.open("rb") if line.strip()) if path.suffix == ".jsonl" else ours["examples"]
+        n = sum(1 for line in path.open("rb") if line.strip()) if path.suffix == ".jsonl" else ours["prepared"]
+        name = "mixture " + " + ".join(f"{Path(p).name} x{w}" for p, _, w in json.loads(str(path))) \
+            if fmt == "mixture" else f"{fmt} {path.name}"
         if args.only_ours:
-            print(f"| {fmt} {path.name} | {n} | {n / ours['seconds']:.0f} | - | - "
+            print(f"| {name} | {n} | {n / ours['seconds']:.0f} | - | - "
                   f"| {ours['peak_rss_mb']} ({ours['workers_peak_rss_mb']}) | - |", flush=True)
             print(f"  ours: {ours['line']}", flush=True)
             continue
         base = _measure("baseline", path, fmt, args)
-        n = base["examples"]
+        n = base["prepared"]  # rows prepared (a mixture: all its sources' rows, before the draw)
         o, b, bm = n / ours["seconds"], n / base["seconds"], n / base["map_seconds"]
-        print(f"| {fmt} {path.name} | {n} | {o:.0f} | {b:.0f} ({bm:.0f}) | {o / b:.2f}x ({o / bm:.2f}x) "
+        print(f"| {name} | {n} | {o:.0f} | {b:.0f} ({bm:.0f}) | {o / b:.2f}x ({o / bm:.2f}x) "
               f"| {ours['peak_rss_mb']} ({ours['workers_peak_rss_mb']}) "
               f"| {base['peak_rss_mb']} ({base['workers_peak_rss_mb']}) |", flush=True)
         print(f"  ours: {ours['line']}", flush=True)
-
 
 if __name__ == "__main__":
     main()
