@@ -79,9 +79,9 @@ def _interactive(chat, sampling, stdin: TextIO, stdout: TextIO) -> None:
     """One prompt per line (alpaca: the instruction, a tab, then the input if any); chat runs keep
     the conversation (/reset clears it). EOF or /quit ends."""
     history: list[dict] = []
-    chat_format = chat.cfg.data.format == "chat"
-    hint = " (instruction<TAB>input)" if chat.cfg.data.format == "alpaca" else ""
-    print(f"{chat.cfg.data.format} format; one prompt per line{hint}"
+    chat_format = chat.data_cfg.format == "chat"
+    hint = " (instruction<TAB>input)" if chat.data_cfg.format == "alpaca" else ""
+    print(f"{chat.data_cfg.format} format; one prompt per line{hint}"
           f"{', /reset clears the history' if chat_format else ''}, /quit or Ctrl-D ends", file=stdout)
     while True:
         print("> ", end="", file=stdout, flush=True)

@@ -95,20 +95,28 @@ class Chat:
         self.model.eval()
         self.autocast = functools.partial(compute_autocast, self.model, self.device.type, dtype)
 
+    @property
+    def data_cfg(self):
+        """The data settings prompts are formatted with: data.*, or for a mixture its first
+        source's (the first listed is the recipe's main one; its format, fields and template)."""
+        from .config.data import source_config
+
+        return source_config(self.cfg.data, 0) if self.cfg.data.sources else self.cfg.data
+
     def prompt_ids(self, row: dict, where: str = "prompt") -> list[int]:
         """The ids generation starts from, built by the run's own data path from a row in the
         run's format (``prompt_row`` makes one from typed text)."""
         from .data import DataError, prepare_prompt
 
         try:
-            return prepare_prompt(self.cfg.data, self.tokenizer, row, where)
+            return prepare_prompt(self.data_cfg, self.tokenizer, row, where)
         except DataError as exc:
             raise GenerateError(str(exc)) from None
 
     def row(self, prompt: str, input_text: str = "", history: Sequence[Message] = ()) -> dict:
         from .data import prompt_row
 
-        return prompt_row(self.cfg.data, prompt, input_text, list(history))
+        return prompt_row(self.data_cfg, prompt, input_text, list(history))
 
     @torch.no_grad()
     def complete_ids(self, batch: Sequence[Sequence[int]], sampling: Sampling) -> list[str]:
