@@ -24,8 +24,15 @@ def test_two_rank_train_outputs_and_learning(two_rank_run: Path) -> None:
     assert len(summary["peak_memory_mb"]) == 2 and all(m > 0 for m in summary["peak_memory_mb"])
     assert summary["train_loss_last"] < summary["train_loss_first"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
-    assert 0.0 <= summary["eval_accuracy_before"] <= 1.0 and 0.0 <= summary["eval_accuracy_after"] <= 1.0
-    assert summary["tokens_per_s"] > 0
+    assert 0.0 <= summary["eval_accuracy_before"] <= 1.0
+    # The accuracy is the share of the final evaluation's answers that matched, as written out:
+    # every one of the 32 prompts, each with its prompt, target and the model's output.
+    samples = [json.loads(line) for line in (run_dir / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["index"] for s in samples] == list(range(32))
+    assert all(s["prompt"] and s["target"] and isinstance(s["output"], str) for s in samples)
+    assert all(s["match"] == (s["output"].strip() == s["target"].strip()) for s in samples)
+    assert summary["eval_accuracy_after"] == pytest.approx(sum(s["match"] for s in samples) / 32)
+    assert summary["tokens_per_s"] * summary["train_time_s"] > 12 * 16  # >= 1 token per example
     # NF4 + double quantization: 4-bit codes, 8-bit absmax per 64, fp32 absmax per 256 of those.
     assert summary["base_storage"]["bytes_per_param"] == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), abs=1e-4)
     train = [m for m in read_metrics(run_dir) if "loss" in m]
