@@ -45,7 +45,7 @@ def worker(model: str, steps: int, precision: str, varying: bool) -> dict:
     for step in range(1, steps + 1):
         width = 32 + (step * 37) % 96 if varying else 128
         ids = torch.randint(3, 100, (4, width))
-        with compute_autocast(net, "cpu", dtype):
+        with compute_autocast("cpu", dtype):
             loss = net(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()

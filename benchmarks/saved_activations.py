@@ -81,7 +81,7 @@ def main() -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with compute_autocast(model, dist.device.type, dtype):
+        with compute_autocast(dist.device.type, dtype):
             logits = strategy.train_module(input_ids=ids, attention_mask=torch.ones_like(ids),
                                            use_cache=False).logits
             token_loss_sum(logits, ids)

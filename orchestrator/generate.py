@@ -93,7 +93,7 @@ class Chat:
             disable_cpu_repacking(self.model)
             self.tokenizer = load_tokenizer(self.cfg.model)
         self.model.eval()
-        self.autocast = functools.partial(compute_autocast, self.model, self.device.type, dtype)
+        self.autocast = functools.partial(compute_autocast, self.device.type, dtype)
 
     @property
     def data_cfg(self):

@@ -7,9 +7,8 @@ embeddings are upcast to fp32; logits only match when both sides do the same).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -197,11 +196,9 @@ def keep_input_dtype(peft_model: nn.Module) -> None:
             module.cast_input_dtype_enabled = False
 
 
-@contextlib.contextmanager
-def compute_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> Iterator[None]:
-    """The run's autocast for ``model`` (a no-op in fp32)."""
-    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
-        yield
+def compute_autocast(device_type: str, dtype: torch.dtype) -> torch.autocast:
+    """The run's autocast (a no-op in fp32): every forward of a training model runs under it."""
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def load_adapter_weights(peft_model: nn.Module, adapter_dir: str) -> None:

@@ -171,7 +171,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     set_phase("model loading (tokenizer, base weights, quantization, LoRA)")
     tokenizer = load_tokenizer(cfg.model)
     model = strategy.load_model(cfg.model, cfg.quant, cfg.lora)
-    autocast = functools.partial(compute_autocast, model, dist.device.type, compute_dtype)
+    autocast = functools.partial(compute_autocast, dist.device.type, compute_dtype)
     base_storage = base_linear_storage(model)  # before any sharding
     loss_fn, loss_kind = build_loss(t.loss, model, announce=dist.is_main)  # before the strategy wraps
     trainable, total = count_parameters(model)

@@ -100,7 +100,7 @@ def test_lora_on_fused_experts_by_name(models, family) -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("experts" in n for n in trainable) and not any(".gate." in n for n in trainable)
     ids = torch.randint(3, base.config.vocab_size, (2, 16))
-    with compute_autocast(model, "cpu", torch.bfloat16):  # as every forward of a training model
+    with compute_autocast("cpu", torch.bfloat16):  # as every forward of a training model
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()

@@ -159,7 +159,7 @@ def test_activation_model_matches_what_autograd_saves():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with compute_autocast(model, "cpu", dtype):  # the loop's autocast
+            with compute_autocast("cpu", dtype):  # the loop's autocast
                 loss = loss_fn(model, {"input_ids": ids, "attention_mask": mask}, ids)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved = sum(n for ptr, n in storages.items() if ptr not in params)

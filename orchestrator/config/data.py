@@ -193,3 +193,10 @@ def source_config(data: DataConfig, i: int) -> DataConfig:
         raise ConfigError(f"{key}: {exc}") from None
     validate_data(cfg, key)
     return cfg
+
+
+def eval_source_config(data: DataConfig) -> DataConfig:
+    """A mixture's data.eval_path as a DataConfig whose training rows are the eval rows
+    (data.eval_split, else data.split, of that file or dataset; data.* settings otherwise)."""
+    return dataclasses.replace(data, path=data.eval_path, split=data.eval_split or data.split, eval_path=None,
+                               eval_split=None, sources=[], mixture_rows=None)

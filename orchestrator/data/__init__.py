@@ -86,12 +86,12 @@ def check_rows(path: str, cfg: DataConfig, split: Optional[str] = None) -> int:
 def check_data(cfg: DataConfig) -> None:
     """check_rows over every source of the run's rows (each mixture source with its own
     settings); the error names the setting whose rows are bad."""
-    from ..config.data import source_config
+    from ..config.data import eval_source_config, source_config
 
     each = [(f"data.sources[{i}].{{key}}", source_config(cfg, i)) for i in range(len(cfg.sources))]
     each = each or [("data.{key}", cfg)]
     if cfg.sources and cfg.eval_path:
-        each.append(("data.eval_path", dataclasses.replace(cfg, path=cfg.eval_path, eval_path=None, sources=[])))
+        each.append(("data.eval_path", eval_source_config(cfg)))
     for label, one in each:
         for _, key, path, split in split_sources(one):
             try:
@@ -122,7 +122,6 @@ def load_examples(path: str, tokenizer, cfg: DataConfig) -> list[Example]:
 def prepare(cfg: DataConfig, tokenizer) -> Splits:
     """Tokenized train and eval splits, from the cache when this data was tokenized before; a
     mixture (data.sources) from its sources' entries (mixture.py)."""
-    cfg = _with_template(cfg, tokenizer)
     _quiet_datasets()
     if cfg.sources:
         train, evals, key, stats, hit = mixture.prepare(cfg, tokenizer, _prepare_one, cache_root(cfg))

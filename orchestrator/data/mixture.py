@@ -22,7 +22,6 @@ data.eval_path's, all of them, undrawn.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -32,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..config import DataConfig
-from ..config.data import source_config
+from ..config.data import eval_source_config, source_config
 from .cache import VERSION, example_lengths, lookup, new_entry, publish
 from .sources import DataError
 from .tokenize import Example
@@ -120,10 +119,8 @@ def prepare(cfg: DataConfig, tokenizer, prepare_one: Callable[[DataConfig, Any],
             raise DataError(f"data.sources[{i}] ({source_name(specs[i], i)}): {exc}") from None
     eval_part = None
     if cfg.eval_path:
-        own = dataclasses.replace(cfg, path=cfg.eval_path, split=cfg.eval_split or cfg.split, eval_path=None,
-                                  eval_split=None, sources=[], mixture_rows=None)
         try:
-            eval_part = prepare_one(own, tokenizer)
+            eval_part = prepare_one(eval_source_config(cfg), tokenizer)
         except DataError as exc:
             raise DataError(f"data.eval_path: {str(exc).removeprefix('data.path: ')}") from None
     key = _key(cfg, [p.fingerprint for p in parts], eval_part.fingerprint if eval_part else None)
