@@ -36,14 +36,29 @@ def check_family(cfg) -> None:
         raise UsageError(f"{where}: {exc}" if "FSDP" in str(exc) else str(exc)) from exc
 
 
+def adopt_lora_shape(cfg, shape: dict, theirs: str) -> None:
+    """Make ``shape`` (lora.* keys -> values of a starting adapter) the run's LoRA shape: a key
+    left at its default takes the value, one the user set otherwise is refused in one line
+    (``theirs`` formats the value's origin, e.g. "the adapter's {} at ...")."""
+    from orchestrator.config import LoraConfig
+
+    default = LoraConfig()
+    for key, value in shape.items():
+        mine = getattr(cfg.lora, key)
+        mine = list(mine) if isinstance(mine, (list, tuple)) or type(mine).__name__ == "ListConfig" else mine
+        if mine != value:
+            if mine != getattr(default, key):
+                raise UsageError(f"lora.{key}={mine} contradicts {theirs.format(value)}; leave it unset: "
+                                 "the starting adapter's LoRA shape is the run's")
+            setattr(cfg.lora, key, value)
+
+
 def _adopt_adapter(cfg, meta) -> None:
     """``lora.init_from``: the adapter's LoRA shape (r, alpha, rsLoRA, target modules) becomes
     the run's, frozen into config.yaml; a different value set by the user, or an adapter whose
     layers this model does not have (another base), is refused here rather than by a shape
     error on every rank after loading."""
     import json
-
-    from orchestrator.config import LoraConfig
 
     path = cfg.lora.init_from
     if not path:
@@ -58,16 +73,9 @@ def _adopt_adapter(cfg, meta) -> None:
         raise UsageError(f"{where}: a {theirs.get('peft_type')} adapter; only LoRA adapters can start a run")
     targets = theirs.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else sorted(targets)
-    default = LoraConfig()
-    for key, value in (("r", theirs.get("r")), ("alpha", theirs.get("lora_alpha")),
-                       ("use_rslora", bool(theirs.get("use_rslora", False))), ("target_modules", targets)):
-        mine = getattr(cfg.lora, key)
-        mine = list(mine) if key == "target_modules" else mine
-        if mine != value:
-            if mine != getattr(default, key):
-                raise UsageError(f"lora.{key}={mine} contradicts the adapter's {value} at {where}; leave "
-                                 "it unset: the adapter's LoRA shape is the run's")
-            setattr(cfg.lora, key, value)
+    adopt_lora_shape(cfg, {"r": theirs.get("r"), "alpha": theirs.get("lora_alpha"),
+                           "use_rslora": bool(theirs.get("use_rslora", False)), "target_modules": targets},
+                     f"the adapter's {{}} at {where}")
     from safetensors import safe_open
 
     weights = Path(path) / "adapter_model.safetensors"

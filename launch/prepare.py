@@ -105,6 +105,9 @@ def preflight(cfg) -> None:
     check_world(cfg)
     _check_offload(cfg)
     _check_wandb(cfg)
+    from launch.fork import check_fork
+
+    check_fork(cfg)  # before the family check: the parent's LoRA shape becomes the run's
     if model_dir.exists():
         _check_tokenizer(cfg, model_dir)
         from launch.model_checks import check_family

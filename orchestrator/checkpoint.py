@@ -61,6 +61,30 @@ def latest(run_dir: Path) -> Optional[Path]:
     return path if (path / "trainer_state.json").exists() else None
 
 
+def resolve(path: Path) -> Path:
+    """A complete checkpoint named by ``path``: a checkpoint directory itself, or a run directory
+    (its latest). Raises ValueError naming what is there instead."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path.resolve()
+    if (path / "config.yaml").is_file():
+        found = latest(path)
+        if found is None:
+            raise ValueError(f"{path} is a run directory without a complete checkpoint")
+        return found.resolve()
+    done = sorted(p.name for p in path.parent.glob("step-*") if (p / "trainer_state.json").exists())
+    hint = f"; complete checkpoints beside it: {', '.join(done)}" if done else ""
+    if not path.exists():
+        raise ValueError(f"{path} does not exist{hint}")
+    raise ValueError(f"{path} is neither a complete checkpoint (no trainer_state.json) nor a run "
+                     f"directory (no config.yaml){hint}")
+
+
+def run_of(checkpoint_dir: Path) -> Path:
+    """The run directory a checkpoint belongs to (``RUN/checkpoints/step-N``)."""
+    return Path(checkpoint_dir).parent.parent
+
+
 def save(
     run_dir: Path, step: int, strategy: Strategy, dist: DistInfo, trainer_state: dict[str, Any],
     keep_last_n: int,
@@ -199,9 +223,13 @@ def _rotate(root: Path, keep_last_n: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(path: Path, strategy: Strategy, dist: DistInfo) -> dict[str, Any]:
-    """Restore strategy state and this rank's RNG; returns the trainer state."""
-    strategy.load_state(path)
+def load(path: Path, strategy: Strategy, dist: DistInfo, everything: bool = True) -> dict[str, Any]:
+    """Restore strategy state and this rank's RNG; returns the trainer state. With
+    ``everything=False`` (a fork that keeps only the adapter) the adapter weights alone: the
+    optimizer, schedule and RNG stay as a fresh run has them."""
+    strategy.load_state(path, optimizer=everything)
+    if not everything:
+        return broadcast_object(json.loads((path / "trainer_state.json").read_text()))
     rng_file = path / f"rng-rank{dist.rank}.pt"
     if rng_file.exists():
         rng = torch.load(rng_file, weights_only=True)

@@ -37,3 +37,21 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
+
+
+def continue_schedule(opt: torch.optim.Optimizer, scheduler, cfg: OptimConfig, total_steps: int,
+                      step: int) -> None:
+    """Put the optimizer's hyperparameters and the schedule at ``step`` of *this* run's config.
+
+    A loaded optimizer state carries the hyperparameters it was saved with, and LambdaLR's the
+    peak lr it started from, so without this an extended or forked run would keep the old lr,
+    betas, eps and weight decay for its first step (and a fork with another optim.lr for good).
+    For a plain resume every value is the one already there.
+    """
+    groups = opt.param_groups
+    for g in groups:
+        g.update(initial_lr=cfg.lr, lr=cfg.lr * lr_factor(step, cfg, total_steps),
+                 betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    scheduler.base_lrs = [cfg.lr] * len(groups)
+    scheduler.last_epoch = step
+    scheduler._last_lr = [g["lr"] for g in groups]  # what get_last_lr() answers

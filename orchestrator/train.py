@@ -33,6 +33,7 @@ from .distributed import (
 from .evaluate import eval_loss, exact_match
 from .loss import build_loss
 from .metrics import build_logger
+from .optim import continue_schedule
 from .preempt import StopRequest
 from .runinfo import code_info, hardware, library_versions, peak_flops
 from .model import ForwardDtypeProbe, base_linear_storage, compute_autocast, count_parameters, load_tokenizer
@@ -137,6 +138,40 @@ def _log_memory(planned: float | None, peaks: list[float]) -> None:
                      measured, 100.0 * (planned - measured) / measured)
 
 
+def _starting_point(cfg: RunConfig, run_dir: Path, strategy, sampler, dist: DistInfo,
+                    total_steps: int) -> tuple[dict[str, Any], int, str]:
+    """Where training starts, as (trainer state, step, what to say of it): this run's latest
+    checkpoint (a resume), else the checkpoint ``run.fork_from`` names (the parent is only
+    read), else step 0. The optimizer's hyperparameters and the schedule are this run's config
+    at that step in every case (optim.continue_schedule)."""
+    t = cfg.trainer
+    own = checkpoint.latest(run_dir) if cfg.run.resume else None
+    state: dict[str, Any] = {}
+    step, origin, keeps_rng = 0, "", False
+    if own is not None:
+        set_phase(f"checkpoint load ({own})")
+        state = checkpoint.load(own, strategy, dist)
+        step, origin, keeps_rng = state["step"], f" (resuming at step {state['step']} from {own})", True
+        sampler.load_state_dict(state.get("sampler"), step)
+    elif cfg.run.fork_from:
+        source = checkpoint.resolve(Path(cfg.run.fork_from))
+        set_phase(f"fork load ({source})")
+        everything = cfg.run.fork_optimizer
+        parent = checkpoint.load(source, strategy, dist, everything=everything)
+        state["forked_from"] = {"checkpoint": str(source), "run": str(checkpoint.run_of(source)),
+                                "step": parent["step"], "optimizer": everything}
+        if everything:  # the parent's step, data position and RNG go on; its tallies do not
+            step, keeps_rng = parent["step"], True
+            sampler.load_state_dict(parent.get("sampler"), step)
+        origin = (f" (forked from {source} at its step {parent['step']}, "
+                  + ("with its optimizer, step and data position)" if everything else
+                     "its adapter only: step 0, a fresh optimizer)"))
+    if not keeps_rng:
+        seed_everything(t.seed + dist.rank)  # per-rank dropout streams
+    continue_schedule(strategy.optimizer, strategy.scheduler, cfg.optim, total_steps, step)
+    return state, step, origin
+
+
 def _write(logger, write, *args):
     """A checkpoint or adapter that cannot be written stops the run on every rank
     (CheckpointWriteError); the sinks are closed first so that what was logged is kept."""
@@ -206,16 +241,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     # Start-up peak per rank (model loaded, quantized and sharded): what low-memory loading saves.
     load_peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
 
-    state: dict[str, Any] = {}
-    start_step = 0
-    resume_from = checkpoint.latest(run_dir) if cfg.run.resume else None
-    if resume_from is not None:
-        set_phase(f"checkpoint load ({resume_from})")
-        state = checkpoint.load(resume_from, strategy, dist)
-        start_step = state["step"]
-        sampler.load_state_dict(state.get("sampler"), start_step)
-    else:
-        seed_everything(t.seed + dist.rank)  # per-rank dropout streams
+    state, start_step, origin = _starting_point(cfg, run_dir, strategy, sampler, dist, total_steps)
 
     set_phase("logger start-up (W&B on rank 0)")
     logger = build_logger(cfg, run_dir, dist.is_main, total_steps, start_step,
@@ -232,10 +258,10 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             "strategy=%s world=%d device=%s precision=%s quant=%s accumulation=%d steps=%d "
             "trainable=%d/%d params loss=%s%s", strategy.name, dist.world_size, dist.device,
             str(compute_dtype).replace("torch.", ""), cfg.quant.method, accum, total_steps, trainable, total, loss_kind,
-            f" (resuming at step {start_step} from {resume_from})" if resume_from else "",
+            origin,
         )
 
-    if not state and eval_examples:
+    if "eval_before" not in state and eval_examples:
         before = _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast, loss_fn)
         state["eval_before"] = before
         logger.log(0, before)
@@ -385,6 +411,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         "base_storage": base_storage,
         "loss": loss_kind,
         "init_from": cfg.lora.init_from,  # the adapter training started from (None: fresh LoRA)
+        "forked_from": state.get("forked_from"),  # the checkpoint, run and step it forked (or None)
         "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint,
                  **sampler.packing_stats()},
         **code_info(),  # version, git commit (None outside a clone) and where the code ran from

@@ -1,6 +1,8 @@
 """Continuing a run (issue #29): a finished run extended to more steps in its own directory
 resumes from its last checkpoint, and under a constant schedule ends exactly where a run
-trained to the new total in one go ends (2 ranks, the default dropout, fp32)."""
+trained to the new total in one go ends (2 ranks, the default dropout, fp32); a fork of one of
+its checkpoints goes on exactly as the parent would have, or from its adapter alone with a
+fresh optimizer, and the parent is never written."""
 
 from __future__ import annotations
 
@@ -47,6 +49,82 @@ def test_extend_a_finished_run_equals_training_to_the_new_total(tmp_path) -> Non
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     summary = json.loads((extended / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["train_loss_first"] == _losses(one_go)[0][1]
+    _fork(extended, one_go, tmp_path)
+
+
+def _tree(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _fork(parent: Path, one_go: Path, tmp_path: Path) -> None:
+    """Forks of ``parent`` (trained 4 steps, then extended to 6; ``one_go`` trained 6 at once)."""
+    import numpy as np
+    import torch
+
+    untouched = _tree(parent)
+    at4 = parent / "checkpoints" / "step-00000004"
+    # With its optimizer, step, data position and RNG, the DDP parent's checkpoint read under
+    # FSDP: step 5 (the parent's adapter on the parent's next batch, the same dropout) is
+    # exact; step 6 (after an update from the restored Adam moments) is as close as FSDP and
+    # DDP ever are, where fresh moments would be ~1e-3 off.
+    same = orchestrate("train", f"run.dir={tmp_path / 'same'}", f"run.fork_from={at4}",
+                       "trainer.max_steps=6", *COMMON, "strategy=fsdp")
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert f"forked from {at4} at its step 4, with its optimizer, step and data position" in same.stderr
+    (s5, l5), (s6, l6) = _losses(tmp_path / "same")
+    assert (s5, l5) == _losses(one_go)[4] and s6 == 6 and l6 == pytest.approx(_losses(one_go)[5][1], rel=1e-6)
+    a = load_file(str(tmp_path / "same" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(one_go / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in b)
+    summary = json.loads((tmp_path / "same" / "summary.json").read_text())
+    assert summary["forked_from"] == {"checkpoint": str(at4), "run": str(parent), "step": 4, "optimizer": True}
+
+    # Its adapter alone (the run directory names its latest, step 6), another lr: step 1 is a
+    # fresh Adam's first step, which moves every weight by the lr (m/sqrt(v) = g/|g|).
+    fresh = orchestrate("train", f"run.dir={tmp_path / 'fresh'}", f"run.fork_from={parent}",
+                        "run.fork_optimizer=false", "trainer.max_steps=1", *COMMON, "optim.lr=1e-3")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert [(m["step"], m["lr"]) for m in read_metrics(tmp_path / "fresh") if "lr" in m] == [(1, 1e-3)]
+    before = load_file(str(parent / "adapter" / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "fresh" / "adapter" / "adapter_model.safetensors"))
+    moved = np.concatenate([(after[k] - before[k]).abs().flatten().numpy() for k in before])
+    assert np.median(moved) == pytest.approx(1e-3, rel=1e-3), np.median(moved)
+    assert json.loads((tmp_path / "fresh" / "summary.json").read_text())["forked_from"]["step"] == 6
+
+    assert _tree(parent) == untouched  # read, never written
+    _fork_refusals(parent, tmp_path)
+
+
+def _fork_refusals(parent: Path, tmp_path: Path) -> None:
+    """What a fork cannot take, refused before launch with one line (in-process)."""
+    from launch.fork import check_fork
+    from launch.prepare import UsageError, build_config
+
+    at4 = parent / "checkpoints" / "step-00000004"
+    child = f"run.dir={tmp_path / 'refused'}"
+    cases = {
+        f"{tmp_path / 'nowhere'} does not exist": [f"run.fork_from={tmp_path / 'nowhere'}"],
+        "step-00000005 does not exist; complete checkpoints beside it: step-00000004, step-00000006":
+            [f"run.fork_from={parent / 'checkpoints' / 'step-00000005'}"],
+        "neither a complete checkpoint .* nor a run directory": [f"run.fork_from={parent / 'adapter'}"],
+        "is a checkpoint of run.dir itself": [f"run.fork_from={at4}", f"run.dir={parent / 'x' / '..'}"],
+        "lora.r=8 contradicts the parent's 16": [f"run.fork_from={at4}", "lora.r=8"],
+        "continues the parent's data order, but data.max_seq_len, trainer.global_batch_size differ":
+            [f"run.fork_from={at4}", "data.max_seq_len=64", "trainer.global_batch_size=16"],
+        "is at step 4 and trainer.max_steps=4: nothing to train": [f"run.fork_from={at4}", "trainer.max_steps=4"],
+        "written by strategy=fsdp or ddp, whose checkpoints strategy=deepspeed cannot read":
+            [f"run.fork_from={at4}", "strategy=deepspeed"],
+    }
+    common = [c for c in COMMON if not c.startswith("launcher.")]
+    for message, overrides in cases.items():
+        cfg = build_config([child, *common, "trainer.max_steps=8", *overrides])
+        with pytest.raises(UsageError, match=message):
+            check_fork(cfg)
+    cfg = build_config([child, *common, "trainer.max_steps=8", f"run.fork_from={parent}", "lora.alpha=64",
+                        "run.fork_optimizer=false", "data.max_seq_len=64"])
+    with pytest.raises(UsageError, match="lora.alpha=64 contradicts the parent's 32"):
+        check_fork(cfg)  # another data order is fine without the optimizer; another shape is not
 
 
 @pytest.mark.parametrize("strategy", [["strategy=ddp"], ["strategy=fsdp", "strategy.shard_base=true"]])

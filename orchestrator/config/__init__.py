@@ -277,6 +277,14 @@ class RunDirConfig:
     name: Optional[str] = None
     # Continue from the latest checkpoint when run.dir already holds one.
     resume: bool = True
+    # Start this (new) run from another run's checkpoint: a checkpoint directory
+    # (RUN/checkpoints/step-N) or a run directory (its latest). The parent is only read. Its
+    # LoRA shape is this run's; everything else may change.
+    fork_from: Optional[str] = None
+    # true: the optimizer moments, the step and the data position continue from the checkpoint
+    # (this run's data and global batch must then be the parent's); false: only the adapter
+    # weights, from step 0 with a fresh optimizer and schedule.
+    fork_optimizer: bool = True
 
 
 @dataclass

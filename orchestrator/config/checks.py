@@ -68,6 +68,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.plan.host_memory_gb is not None:
         positive("plan.host_memory_gb")
     validate_data(cfg.data)
+    if cfg.run.fork_from and cfg.lora.init_from:
+        raise ConfigError(f"run.fork_from={cfg.run.fork_from} and lora.init_from={cfg.lora.init_from} "
+                          "are two starting points; set one")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout={cfg.lora.dropout!r} is not allowed; it must be in [0, 1)")
     if cfg.lora.target_parameters and cfg.lora.dropout != 0.0:

@@ -139,26 +139,34 @@ class Strategy(ABC):
         if self.dist.is_main:
             torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
 
-    def load_state(self, path: Path) -> None:
+    def load_state(self, path: Path, optimizer: bool = True) -> None:
+        """Restore what ``save_state`` wrote; with ``optimizer=False`` only the adapter weights
+        (DCP reads just the keys asked for)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
+            get_model_state_dict,
             get_state_dict,
+            set_model_state_dict,
             set_state_dict,
         )
 
         opts = StateDictOptions(ignore_frozen_params=True)
-        msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
-        state = {"model": msd, "optim": osd}
+        if optimizer:
+            msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
+            state = {"model": msd, "optim": osd}
+        else:  # get_state_dict would give the fresh optimizer state by taking a zero step
+            state = {"model": get_model_state_dict(self.model, options=opts)}
         dcp.load(state, checkpoint_id=str(path / "state"))
         # Frozen base weights are not in checkpoints (ignore_frozen_params), so the model load
         # is non-strict; every trainable tensor was requested above and dcp.load fails if the
         # checkpoint lacks one.
-        set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-            options=StateDictOptions(ignore_frozen_params=True, strict=False),
-        )
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+        if not optimizer:
+            set_model_state_dict(self.model, state["model"], options=options)
+            return
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=options)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -257,11 +257,12 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False,
                                     exclude_frozen_parameters=True)
 
-    def load_state(self, path: Path) -> None:
+    def load_state(self, path: Path, optimizer: bool = True) -> None:
         # Frozen base weights are excluded from the checkpoint, so the module load is non-strict.
         load_path, _ = self.engine.load_checkpoint(
             str(path / "deepspeed"), tag="state", load_module_strict=False,
-            load_optimizer_states=True, load_lr_scheduler_states=True,
+            load_optimizer_states=optimizer, load_lr_scheduler_states=optimizer,
+            load_module_only=not optimizer,
         )
         if load_path is None:
             raise RuntimeError(f"{path}: DeepSpeed found no checkpoint to load")
