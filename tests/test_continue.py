@@ -164,3 +164,35 @@ def test_adapter_of_another_base_is_refused_before_launch(two_rank_run, tmp_path
         check_family(cfg)
     with pytest.raises(UsageError, match="no adapter_config.json there"):
         check_family(build_config([f"lora.init_from={tmp_path}"]))
+
+
+def test_a_loaded_optimizer_takes_this_runs_hyperparameters_at_the_resumed_step() -> None:
+    """A fork with another optim.* (or an extension to another total) loads an optimizer state
+    saved under the parent's values; from the first step on the child's must hold."""
+    import torch
+
+    from orchestrator.config import OptimConfig
+    from orchestrator.optim import build_optimizer, build_scheduler, continue_schedule, lr_factor
+
+    w = torch.nn.Parameter(torch.ones(3))
+    parent_cfg = OptimConfig(lr=2e-3, scheduler="cosine", warmup_steps=2, weight_decay=0.0)
+    opt = build_optimizer([w], parent_cfg)
+    sched = build_scheduler(opt, parent_cfg, total_steps=10)
+    for _ in range(4):
+        w.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+
+    child_cfg = OptimConfig(lr=1e-3, scheduler="linear", warmup_steps=2, weight_decay=0.1, betas=[0.8, 0.9])
+    child_opt = build_optimizer([w], child_cfg)
+    child_sched = build_scheduler(child_opt, child_cfg, total_steps=20)
+    child_opt.load_state_dict(saved_opt)
+    child_sched.load_state_dict(saved_sched)
+    continue_schedule(child_opt, child_sched, child_cfg, 20, 4)
+    group = child_opt.param_groups[0]
+    assert group["lr"] == child_cfg.lr * lr_factor(4, child_cfg, 20) and group["betas"] == (0.8, 0.9)
+    assert group["weight_decay"] == 0.1 and child_opt.state[w]["exp_avg"].abs().sum() > 0  # moments kept
+    child_sched.step()
+    assert child_sched.last_epoch == 5 and child_opt.param_groups[0]["lr"] == pytest.approx(
+        child_cfg.lr * lr_factor(5, child_cfg, 20), rel=1e-12)
