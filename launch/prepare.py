@@ -355,6 +355,7 @@ def prepare_run_dir(cfg, overrides: Sequence[str]) -> Path:
         (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale stop request must not end this run
         frozen.write_text(yaml.safe_dump(new, sort_keys=False))
         (run_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+        rundir.reserve_space(run_dir)  # for the state that says a full disk ended the run
     except OSError as exc:  # what check_run_dir's probe could not foresee (a race, a quota)
         raise UsageError(f"run.dir={str(run_dir)!r} cannot be written: {exc.strerror or exc} "
                          f"({exc.filename or run_dir})") from exc

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:
         return _failed(run_dir, f"rank {rank}: error: {exc}", 3)
     except CheckpointWriteError as exc:  # every rank raises it together: one line for the event
-        return _failed(run_dir, f"error: {exc}", 4) if rank == 0 else 4
+        return _failed(run_dir, f"error: {exc}", 4, reason=exc.reason) if rank == 0 else 4
     except Exception as exc:
         import traceback
 
@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _failed(run_dir: Path, line: str, code: int) -> int:
+def _failed(run_dir: Path, line: str, code: int, reason: str = "") -> int:
     from orchestrator import rundir
 
     print(line, file=sys.stderr, flush=True)
-    rundir.write_state(run_dir, "failed", reason=line.split("error: ", 1)[-1], exit_code=code)
+    rundir.write_state(run_dir, "failed", reason=reason or line.split("error: ", 1)[-1], exit_code=code)
     return code
 
 

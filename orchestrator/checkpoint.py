@@ -140,7 +140,17 @@ def export_adapter(run_dir: Path, strategy: Strategy, dist: DistInfo, step: int)
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint or the adapter could not be written; raised on every rank at once. The
-    message is one line: the step, the path, the cause and the checkpoint a restart resumes from."""
+    message is one line: the step, the path, the cause and the checkpoint a restart resumes from;
+    ``reason`` is its short form for state.json and ``orchestrate status``."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+#: How the storage errors a shared filesystem gives are called in a status line.
+_KINDS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+          errno.EROFS: "file system read-only", errno.EIO: "I/O error", errno.EACCES: "permission denied"}
 
 
 # torch.save's zip writer reports a short write (a full disk) as a RuntimeError of its own.
@@ -194,25 +204,30 @@ def _agreed(run_dir: Path, what: str, partial: Path, dist: DistInfo) -> Iterator
     mine = None if error is None else (
         f"{failure.strerror or failure} ({failure.filename or partial})" if failure is not None
         else f"{type(error).__name__}: {error}".splitlines()[0])
-    reports = [r for r in all_gather_object(None if mine is None else (failure is not None, mine))
+    code = failure.errno if failure is not None else None
+    reports = [r for r in all_gather_object(None if mine is None else (failure is not None, mine, code))
                if r is not None]
     if not reports:
         return
     if dist.is_main:  # a partial directory is never resumed from; removing it frees its space
         shutil.rmtree(partial, ignore_errors=True)
-        (checkpoints_dir(run_dir) / "latest.tmp").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # EROFS even when it is not there
+            (checkpoints_dir(run_dir) / "latest.tmp").unlink(missing_ok=True)
     barrier()
     if error is not None and failure is None:
         raise error
-    cause = next((text for storage, text in reports if storage), reports[0][1])
+    cause, code = next(((text, c) for storage, text, c in reports if storage), reports[0][1:])
     done = latest(run_dir)
+    resume_step = int(done.name.split("-")[1]) if done is not None else 0
     resume = (f"the last complete checkpoint is {done.name} ({done}); started again with "
-              f"run.dir={run_dir} the run resumes from step {int(done.name.split('-')[1])}"
+              f"run.dir={run_dir} the run resumes from step {resume_step}"
               if done is not None else
               f"there is no complete checkpoint yet; started again with run.dir={run_dir} the run "
               "begins at step 0")
-    raise CheckpointWriteError(f"{what} could not be written: {cause}; training stopped and the "
-                               f"partial {partial.name} was removed; {resume}")
+    raise CheckpointWriteError(
+        f"{what} could not be written: {cause}; training stopped and the partial {partial.name} was "
+        f"removed; {resume}",
+        reason=f"{_KINDS.get(code, 'write failed')}: {what} not written; resumable from step {resume_step}")
 
 
 def _rotate(root: Path, keep_last_n: int) -> None:

@@ -48,6 +48,9 @@ def die() -> None:
 PACE_ENV = "ORCHESTRATOR_TEST_STEP_SECONDS"
 RELEASE_FILE = "CONTINUE"
 WAITING_FILE = "WAITING"  # there while a rank waits for RELEASE_FILE
+# Where WAITING and CONTINUE live (default: the run directory); a test that remounts the run's
+# filesystem read-only while a rank waits needs them elsewhere.
+SIGNAL_DIR_ENV = "ORCHESTRATOR_TEST_SIGNAL_DIR"
 
 
 def at_step_start(step: int, rank: int, run_dir) -> None:
@@ -56,6 +59,9 @@ def at_step_start(step: int, rank: int, run_dir) -> None:
     ``wait:STEP[:RANK]`` holds the rank there until the test creates ``RUN_DIR/CONTINUE``, and
     ``hang:STEP[:RANK]`` for good (``RUN_DIR/WAITING`` says a rank is held)."""
     import time
+    from pathlib import Path
+
+    run_dir = Path(os.environ.get(SIGNAL_DIR_ENV) or run_dir)
 
     seconds = float(os.environ.get(PACE_ENV) or 0)
     if seconds > 0:

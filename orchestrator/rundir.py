@@ -252,7 +252,32 @@ def frozen_config(run_dir: Path):
 _WARNED: set[str] = set()
 
 
-def write_bookkeeping(path: Path, text: "str | bytes", what: str) -> bool:
+RESERVE_FILE = ".state-reserve"
+_RESERVE_BYTES = 64 * 1024
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def reserve_space(run_dir: Path) -> None:
+    """Set aside a little space in the run directory (RESERVE_FILE) for the one write that must
+    land on a disk that filled up: the state that says the run failed for space, and from which
+    step it resumes. Freed only for that write; made again by the next launch. Best effort: a
+    disk already full gets no reserve."""
+    path = Path(run_dir) / RESERVE_FILE
+    try:
+        if path.exists() and path.stat().st_size >= _RESERVE_BYTES:
+            return
+        with path.open("wb") as f:
+            f.write(b"\0" * _RESERVE_BYTES)  # real blocks (a sparse file frees nothing)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def write_bookkeeping(path: Path, text: "str | bytes", what: str, spend_reserve: bool = False) -> bool:
     """Write a file that records the run rather than its training (state.json, summary.json,
     eval answers, curves) atomically, and never let a failed write end the run.
 
@@ -265,36 +290,53 @@ def write_bookkeeping(path: Path, text: "str | bytes", what: str) -> bool:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        if isinstance(text, bytes):
-            tmp.write_bytes(text)
-        else:
-            tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            _replace(tmp, path, text)
+        except OSError as exc:
+            reserve = path.parent / RESERVE_FILE
+            if not (spend_reserve and exc.errno in _FULL and reserve.exists()):
+                raise
+            _unlink(tmp)
+            reserve.unlink()  # its blocks are this write's
+            _replace(tmp, path, text)
         return True
     except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        _unlink(tmp)
         if what not in _WARNED:
             _WARNED.add(what)
             import logging
 
             logging.getLogger("orchestrator").warning(
-                "could not write %s (%s: %s); training goes on without it", what, path,
+                "could not write %s (%s: %s); the previous one stays, and the run is not stopped for it", what, path,
                 exc.strerror or exc)
         return False
+
+
+def _replace(tmp: Path, path: Path, text: "str | bytes") -> None:
+    if isinstance(text, bytes):
+        tmp.write_bytes(text)
+    else:
+        tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def write_state(run_dir: Path, state: str, **fields: Any) -> bool:
     """Record what the run is doing (atomically: a reader never sees half a file); a write
     that fails is a warning (write_bookkeeping), and ``orchestrate status`` reads the last one
-    written."""
+    written. On a full disk the final states (failed, stopped, finished) may spend the run
+    directory's reserve (reserve_space), so the status still tells how the run ended."""
     assert state in STATES, state
     record = {"state": state, **fields, "host": socket.gethostname(), "pid": os.getpid(),
               "time": _now()}
     return write_bookkeeping(Path(run_dir) / STATE_FILE, json.dumps(record, indent=1) + "\n",
-                             f"the run's state ({STATE_FILE})")
+                             f"the run's state ({STATE_FILE})", spend_reserve=state != "running")
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from conftest import orchestrate, read_metrics
 pytestmark = pytest.mark.slow
 
 COMMON = [
-    "launcher.nproc_per_node=2", "trainer.precision=fp32", "lora.dropout=0.0",
+    "launcher.nproc_per_node=2", "trainer.precision=fp32",
     "trainer.max_steps=8", "trainer.save_every=2", "trainer.keep_last_n=2",
     "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
     "trainer.eval_generate_examples=0", "logger=basic", "logger.console=false",
@@ -76,9 +76,48 @@ def small_fs(tmp_path: Path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
+def _fault_at_step(small_fs: Path, run_dir: Path, step: int, fault, *extra: str) -> subprocess.CompletedProcess:
+    """Launch with rank 0 held at the start of ``step``; there ``fault()`` breaks the
+    filesystem for real (full to the last block, or read-only), then the rank goes on."""
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    signals = small_fs.parent / "signals"  # off the broken filesystem
+    signals.mkdir(exist_ok=True)
+    env = {**os.environ, "ORCHESTRATOR_TEST_FAULT": f"wait:{step}:0", "ORCHESTRATOR_TEST_SIGNAL_DIR": str(signals)}
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "train", f"run.dir={run_dir}", *DISK_RUN, *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not (signals / "WAITING").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    try:
+        fault()
+    except BaseException:
+        proc.kill()  # the launcher; its ranks follow when their parent is gone
+        (signals / "CONTINUE").touch()
+        raise
+    (signals / "CONTINUE").touch()
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _steps(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+#: 8 steps, a checkpoint every 3 (3, 6, 8), the default lora.dropout (the resumes must be exact
+#: with its random draws), the memory plan above COMMON's 0.5 GiB host budget let through.
+DISK_RUN = [*COMMON, "trainer.save_every=3", "plan.enforce=false"]
+
+
 def test_full_disk_refused_then_checkpoint_failure_stops_cleanly_and_resumes(small_fs: Path) -> None:
+    """Issue #27's scenario, each fault a real one: a read-only remount mid-run, then the disk
+    filled to the last block by another process; each ends in one line with exit code 4, the
+    last complete checkpoint kept and named, and the run resumes exactly once the disk is back."""
     run_dir = small_fs / "run"
-    override = ["plan.enforce=false"]  # the memory plan above plan.host_memory_gb, overridden
     refused = orchestrate("train", f"run.dir={run_dir}", *COMMON, "plan.host_memory_gb=64")
     assert refused.returncode == 2
     line = _one_error_line(refused.stderr)
@@ -86,38 +125,61 @@ def test_full_disk_refused_then_checkpoint_failure_stops_cleanly_and_resumes(sma
     assert "two checkpoints" in line and "plus the adapter" in line
     assert not run_dir.exists()
 
-    # Room for two checkpoints and the adapter, not for the third that keep_last_n=2 needs
-    # while writing: step 6 fails, with step 4 complete.
-    _mount_tmpfs(small_fs, "12m", remount=True)
-    proc = orchestrate("train", f"run.dir={run_dir}", *COMMON, *override)
-    assert proc.returncode == 4, proc.stderr[-3000:]
-    assert "launching anyway (plan.enforce=false)" in proc.stderr
-    assert "a later checkpoint may fail for space" in proc.stderr
-    line = _one_error_line(proc.stderr)
+    _mount_tmpfs(small_fs, "24m", remount=True)
     ckpts = run_dir / "checkpoints"
-    assert line.startswith("error: checkpoint at step 6 could not be written: No space left on device")
-    assert f"the last complete checkpoint is step-00000004 ({ckpts / 'step-00000004'})" in line
-    assert line.endswith(f"started again with run.dir={run_dir} the run resumes from step 4")
-    assert (ckpts / "latest").read_text().strip() == "step-00000004"
-    assert (ckpts / "step-00000004" / "trainer_state.json").exists()
-    assert not (ckpts / ".tmp-step-00000006").exists()
-    assert not (run_dir / "summary.json").exists()
+
+    def read_only() -> None:
+        # The kernel refuses to remount a filesystem read-only while files on it are open for
+        # writing (the lock, metrics.jsonl): EBUSY. What NFS and Lustre clients do on errors
+        # is forced; here the checkpoint directory becomes a read-only mount of itself, so the
+        # checkpoint's writes get the kernel's EROFS (bookkeeping under a whole read-only
+        # filesystem: test_bookkeeping_writes_on_a_full_or_read_only_disk_warn_once_and_keep_the_old).
+        subprocess.run(["mount", "--bind", str(ckpts), str(ckpts)], check=True)
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ckpts)], check=True)
+
+    try:
+        first = _fault_at_step(small_fs, run_dir, 5, read_only)
+    finally:
+        subprocess.run(["umount", str(ckpts)], check=False)
+    assert first.returncode == 4, first.stderr[-3000:]
+    line = _one_error_line(first.stderr)
+    assert line.startswith("error: checkpoint at step 6 could not be written: Read-only file system")
+    assert line.endswith(f"started again with run.dir={run_dir} the run resumes from step 3")
+    assert (ckpts / "latest").read_text().strip() == "step-00000003"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000003"]  # nothing partial
+    losses = _steps(run_dir)
+
+    fill = small_fs / "fill"
+    full = lambda: subprocess.run(["dd", "if=/dev/zero", f"of={fill}", "bs=64k"], capture_output=True)  # noqa: E731
+    second = _fault_at_step(small_fs, run_dir, 7, full, "logger=wandb")  # W&B offline on the full disk too
+    assert second.returncode == 4, second.stderr[-3000:]
+    line = _one_error_line(second.stderr)
+    assert line.startswith("error: checkpoint at step 8 could not be written: No space left on device")
+    assert f"the last complete checkpoint is step-00000006 ({ckpts / 'step-00000006'})" in line
+    assert "resuming at step 3" in second.stderr
+    assert (ckpts / "latest").read_text().strip() == "step-00000006"
+    assert not list(ckpts.glob(".tmp-*")) and not (run_dir / "summary.json").exists()
+    status = orchestrate("status", str(run_dir))  # the reserve held the state's last words
+    assert "failed (disk full: checkpoint at step 8 not written; resumable from step 6)" in status.stdout
+    assert all(losses[k] == v for k, v in _steps(run_dir).items() if k in losses)  # resumed exactly
+    losses.update(_steps(run_dir))
 
     # The planner's checkpoint size against the real one.
     from launch.diskspace import checkpoint_bytes
     from launch.prepare import build_config
     from orchestrator.plan import plan_for_run
 
-    real = sum(f.stat().st_size for f in (ckpts / "step-00000004").rglob("*") if f.is_file())
+    real = sum(f.stat().st_size for f in (ckpts / "step-00000006").rglob("*") if f.is_file())
     planned = checkpoint_bytes(plan_for_run(build_config(COMMON), 2, "cpu", 4), 2)
     assert abs(planned - real) / real < 0.1, (planned, real)
 
-    _mount_tmpfs(small_fs, "64m", remount=True)  # space is back
-    again = orchestrate("train", f"run.dir={run_dir}", *COMMON, *override)
+    fill.unlink()  # space is back
+    again = orchestrate("train", f"run.dir={run_dir}", *DISK_RUN)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming at step 4" in again.stderr
+    assert "resuming at step 6" in again.stderr
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
-    assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == list(range(1, 9))
+    assert sorted(_steps(run_dir)) == list(range(1, 9))
+    assert all(losses[k] == v for k, v in _steps(run_dir).items() if k in losses), (losses, _steps(run_dir))
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000006", "step-00000008"]
 
 
@@ -171,6 +233,7 @@ def test_bookkeeping_writes_on_a_full_or_read_only_disk_warn_once_and_keep_the_o
     assert len(warnings) == 3 and all("No space left on device" in w for w in warnings), warnings
     assert rundir.read_state(run_dir)["step"] == 3  # the previous state, whole
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "state.json"]  # no temp files
+    _cache_write_fails(small_fs, "No space left on device")
 
     (small_fs / "fill").unlink()
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
@@ -181,5 +244,23 @@ def test_bookkeeping_writes_on_a_full_or_read_only_disk_warn_once_and_keep_the_o
             assert not rundir.write_state(run_dir, "failed", step=6)
         assert "Read-only file system" in caplog.records[0].getMessage()
         assert rundir.read_state(run_dir)["step"] == 3
+        _cache_write_fails(small_fs, "Read-only file system")
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+
+
+def _cache_write_fails(fs: Path, error: str) -> None:
+    """Data preparation's cache on a broken filesystem: one DataError line (the launcher's exit
+    2, before any rank starts) naming the cache and the fix, and no partial entry left."""
+    from orchestrator.config import ASSETS_DIR, DataConfig, ModelConfig
+    from orchestrator.data import DataError, prepare
+    from orchestrator.model import load_tokenizer
+
+    cache = fs / "cache"
+    before = sorted(cache.rglob("*")) if cache.exists() else []
+    cfg = DataConfig(path=str(ASSETS_DIR / "tiny_instruct" / "train.jsonl"), cache_dir=str(cache))
+    with pytest.raises(DataError, match=f"^the tokenized data could not be written to the cache at {cache}: "
+                                        f"{error} .*set data.cache_dir to another filesystem$"):
+        prepare(cfg, load_tokenizer(ModelConfig(path=str(ASSETS_DIR / "tiny-llama"))))
+    assert (sorted(cache.rglob("*")) if cache.exists() else []) == before
+

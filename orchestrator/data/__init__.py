@@ -17,6 +17,8 @@ its micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -119,14 +121,25 @@ def load_examples(path: str, tokenizer, cfg: DataConfig) -> list[Example]:
     return kept["train"]
 
 
+#: What a full, over-quota, failing or read-only cache filesystem raises while an entry is written.
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES)
+
+
 def prepare(cfg: DataConfig, tokenizer) -> Splits:
     """Tokenized train and eval splits, from the cache when this data was tokenized before; a
     mixture (data.sources) from its sources' entries (mixture.py)."""
     _quiet_datasets()
-    if cfg.sources:
-        train, evals, key, stats, hit = mixture.prepare(cfg, tokenizer, _prepare_one, cache_root(cfg))
-        return Splits(train, evals, fingerprint=key, stats=stats, cache_hit=hit)
-    return _prepare_one(cfg, tokenizer)
+    try:
+        if cfg.sources:
+            train, evals, key, stats, hit = mixture.prepare(cfg, tokenizer, _prepare_one, cache_root(cfg))
+            return Splits(train, evals, fingerprint=key, stats=stats, cache_hit=hit)
+        return _prepare_one(cfg, tokenizer)
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRORS:
+            raise
+        raise DataError(f"the tokenized data could not be written to the cache at {cache_root(cfg)}: "
+                        f"{os.strerror(exc.errno)} ({exc.filename or cache_root(cfg)}); its partial entry "
+                        "was removed; free space there or set data.cache_dir to another filesystem") from None
 
 
 def _prepare_one(cfg: DataConfig, tokenizer) -> Splits:

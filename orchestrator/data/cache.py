@@ -125,13 +125,20 @@ class SplitWriter:
         if not len(batch):
             return
         if self._writer is None:
-            self._writer = pa.ipc.new_stream(str(self.path), schema())
+            self._sink = pa.OSFile(str(self.path), "wb")
+            self._writer = pa.ipc.new_stream(self._sink, schema())
         self._writer.write_batch(batch)
         self.rows += len(batch)
 
     def close(self) -> None:
+        """Finish the stream; the file is closed even when finishing fails (a full disk), so
+        the partial entry can be removed and its filesystem unmounted."""
         if self._writer is not None:
-            self._writer.close()
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            finally:
+                self._sink.close()
 
 
 class ExampleSet(Sequence[Example]):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -164,9 +165,13 @@ def _write(cfg: DataConfig, entry: Path, parts: list, eval_part) -> None:
     meta = {"sources": sources, "train": train_stats, "eval": {"examples": n_eval},
             "eval_path": {"fingerprint": eval_part.fingerprint, "examples": len(eval_part.train)} if eval_part else None}
     tmp = new_entry(entry)
-    np.save(tmp / "part.npy", part)
-    np.save(tmp / "index.npy", index)
-    (tmp / MIXTURE_FILE).write_text(json.dumps(meta, indent=1))
+    try:
+        np.save(tmp / "part.npy", part)
+        np.save(tmp / "index.npy", index)
+        (tmp / MIXTURE_FILE).write_text(json.dumps(meta, indent=1))
+    except BaseException:  # a full disk mid-entry: nothing partial stays in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     publish(tmp, entry, {"train": train_stats, "eval": meta["eval"], "sources": sources})
 
 

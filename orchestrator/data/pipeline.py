@@ -14,6 +14,7 @@ import bisect
 import multiprocessing
 import os
 import random
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,9 +189,15 @@ def run(cfg: DataConfig, tokenizer, out_dir: Optional[Path], keep_examples: bool
             progress.update(result.rows)
     finally:
         progress.close()
-        for w in writers.values():
-            w.close()
         _JOB.clear()
+        failed = None
+        for w in writers.values():  # every one, even when one fails to finish
+            try:
+                w.close()
+            except OSError as exc:
+                failed = failed or exc
+        if failed is not None and sys.exc_info()[0] is None:  # else what is in flight says more
+            raise failed
     if held:
         rows_of = {"train": train_total - len(held), "eval": len(held)}
     for split, key, source in sources:
