@@ -113,12 +113,7 @@ def preflight(cfg) -> None:
         from launch.model_checks import check_family
 
         check_family(cfg)
-    missing = _missing_packages(cfg.strategy.name)
-    if missing:
-        raise UsageError(
-            f"strategy={cfg.strategy.name} needs {missing}, which is not installed "
-            f"(pip install -e '.[{missing}]')"
-        )
+    check_packages(cfg)
     _report(_check_disk(cfg), cfg)  # before data preparation, which may take long
     data = _data_lengths(cfg, _prepare_data(cfg))
     _resolve_auto(cfg, data)
@@ -302,13 +297,14 @@ def _check_tokenizer(cfg, model_dir: Path) -> None:
         )
 
 
-def _missing_packages(strategy: str) -> Optional[str]:
+def check_packages(cfg) -> None:
+    """A strategy whose package is not installed, refused before any rank imports it."""
     import importlib.util
 
-    needs = {"deepspeed": "deepspeed"}.get(strategy)
+    needs = {"deepspeed": "deepspeed"}.get(cfg.strategy.name)
     if needs and importlib.util.find_spec(needs) is None:
-        return needs
-    return None
+        raise UsageError(f"strategy={cfg.strategy.name} needs {needs}, which is not installed "
+                         f"(pip install -e '.[{needs}]')")
 
 
 def default_run_dir(cfg) -> Path:

@@ -26,6 +26,7 @@ from conftest import orchestrate
         ("trainer.micro_batch_size=5", "trainer.global_batch_size=16 is not a multiple of trainer.micro_batch_size=5"),
         ("model.path=/nonexistent/model", "model.path='/nonexistent/model': no such directory"),
         ("data.path=/nonexistent/train.jsonl", "data.path: /nonexistent/train.jsonl: no such file"),
+        ("--config-dir=nowhere", "--config-dir nowhere: no such directory ("),
     ],
 )
 def test_bad_override_is_one_line_exit_2(override: str, expected: str) -> None:
@@ -94,3 +95,31 @@ def test_existing_run_dir_guards(tmp_path) -> None:
     refuse = orchestrate("train", f"run.dir={run_dir}", "optim.lr=1e-3", "run.resume=false")
     assert refuse.returncode == 2
     assert "already holds a run and run.resume=false" in refuse.stderr
+
+
+def test_refusals_of_what_only_a_rank_would_hit(monkeypatch) -> None:
+    """A strategy whose package is missing (the import system reports it absent, as on a
+    machine without DeepSpeed), and a meta-built model that is not rank 0's (low-memory
+    loading): each one line naming it."""
+    import sys
+
+    import torch
+
+    from launch.prepare import UsageError, build_config, check_packages
+    from orchestrator.lowmem import ModelSpec, _match
+
+    cfg = build_config(["strategy=deepspeed"])
+    check_packages(cfg)  # installed here
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what importlib reports for an absent one
+    with pytest.raises(UsageError, match=r"^strategy=deepspeed needs deepspeed, which is not installed "
+                                         r"\(pip install -e '\.\[deepspeed\]'\)$"):
+        check_packages(cfg)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    tensors = {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
+    _match(model, ModelSpec(None, None, {}, dict(tensors)))  # the same: nothing to say
+    renamed = {("1.weight" if n == "0.weight" else n): v for n, v in tensors.items()}
+    with pytest.raises(RuntimeError, match=r"^low-memory loading: the meta model differs from rank 0's "
+                                           r"in \['0.weight', '1.weight'\]$"):
+        _match(model, ModelSpec(None, None, {}, renamed))
+
