@@ -163,7 +163,10 @@ def test_activation_model_matches_what_autograd_saves():
                 loss = loss_fn(model, {"input_ids": ids, "attention_mask": mask}, ids)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved = sum(n for ptr, n in storages.items() if ptr not in params)
-        assert P.saved_activation_bytes(shape, setup) == pytest.approx(saved, rel=0.05), extra
+        if cfg.model.gradient_checkpointing:  # the 4-D attention mask stays alive as an input
+            saved += 4 * 128 * 128            # the recompute takes, not as a saved tensor
+        # The claim (RESULTS.md, "what the planner gets right"): within 2%.
+        assert P.saved_activation_bytes(shape, setup) == pytest.approx(saved, rel=0.02), extra
         # The backward runs outside the autocast; under checkpointing it recomputes each layer,
         # which must produce the tensors of the forward (a dtype flip there once broke bf16 runs).
         loss.backward()

@@ -28,7 +28,7 @@ STRATEGIES = {
     "zero2": ["strategy=deepspeed", "strategy.zero_stage=2"],
     "zero3": ["strategy=deepspeed", "strategy.zero_stage=3"],
 }
-# DDP and FSDP2 take bit-identical steps here (FACTS.md); DeepSpeed reduces in another order.
+# FSDP2 takes DDP's steps to 1e-6 (relative; often bit for bit); DeepSpeed reduces in another order.
 TOLERANCE = {"ddp": 0.0, "fsdp": 1e-6, "fsdp_shard_base": 1e-6, "zero2": 1e-5, "zero3": 1e-5}
 
 
@@ -173,11 +173,20 @@ def _plan_of(run_dir: Path, world: int, ranks_per_node: int):
     return comm_plan_for_run(cfg, world, ranks_per_node)
 
 
+#: What the loop sends per step beside the strategy's collectives (RESULTS.md: "the ~60 bytes
+#: over are the loop's loss and stop-flag all-reduces"): the plan must match to these bytes.
+LOOP_SCALAR_BYTES = 256
+
+
+def _matches_plan(counted: float, planned: float) -> bool:
+    return 0 <= counted - planned <= LOOP_SCALAR_BYTES
+
+
 def _check_traffic(run_dir: Path) -> None:
     plan = _plan_of(run_dir, 2, 2)
     intra, inter = _counted(run_dir)
     assert inter == 0 and plan.inter == 0
-    assert abs(intra - plan.intra) <= 0.05 * plan.intra, (run_dir.name, intra, plan.intra, plan.collectives)
+    assert _matches_plan(intra, plan.intra), (run_dir.name, intra, plan.intra, plan.collectives)
 
 
 @pytest.mark.parametrize("name", [n for n in STRATEGIES if n != "ddp"])  # DDP: in its resume test
@@ -199,8 +208,8 @@ def test_hsdp_matches_ddp_holds_half_and_resumes_on_fewer_ranks(runs, tmp_path) 
     assert "HSDP: 2 replica groups x 2 shards" in proc.stdout
     plan = _plan_of(run_dir, 4, 2)
     intra, inter = _counted(run_dir)
-    assert abs(intra - plan.intra) <= 0.05 * plan.intra, (intra, plan.collectives)
-    assert 0 < plan.inter < plan.intra and abs(inter - plan.inter) <= 0.05 * plan.inter, (inter, plan.collectives)
+    assert _matches_plan(intra, plan.intra), (intra, plan.intra, plan.collectives)
+    assert 0 < plan.inter < plan.intra and _matches_plan(inter, plan.inter), (inter, plan.inter, plan.collectives)
     losses, ref = _losses(run_dir), _losses(runs["ddp"])
     assert len(losses) == 6
     for a, b in zip(losses, ref):

@@ -97,9 +97,21 @@ def test_wandb_service_killed_mid_run_is_a_warning(tmp_path) -> None:
     assert [m["step"] for m in local if "loss" in m] == list(range(1, STEPS + 1))
     summary = (run_dir / "summary.json").read_text()
     assert f'"steps": {STEPS}' in summary
-    # What W&B's service had buffered died with it; the run file is still a valid one.
+    # The run file stays a valid one holding a prefix of what was logged before the kill, with
+    # our values. wandb-core writes it in 32 KiB blocks and keeps the open block in memory
+    # (measured with wandb 0.31: three logged steps were 7 bytes on disk after 10 s), so what
+    # it had buffered died with it and the prefix may be empty here; metrics.jsonl (checked
+    # whole above) is where nothing is lost, which the warning says.
     (file,) = _offline_files(run_dir)
-    assert {row["_step"] for row in read_history(file)} <= {0, 1, 2}
+    history = read_history(file)
+    assert [row["_step"] for row in history] == [0, 1, 2][:len(history)], history
+    by_step: dict = {}
+    for m in local:
+        by_step.setdefault(m["step"], {}).update(m)
+    for row in history:
+        for key in ("loss", "eval_loss"):
+            if key in row:
+                assert row[key] == pytest.approx(by_step[row["_step"]][key], rel=1e-12), row
 
 
 def test_online_refused_in_preflight_when_unreachable(tmp_path) -> None:
