@@ -214,11 +214,12 @@ def test_training_records_planned_and_measured_peaks(two_rank_run):
     summary = json.loads((two_rank_run / "summary.json").read_text())
     planned, measured = summary["planned_peak_memory_mb"], summary["peak_memory_mb"]
     assert len(planned) == len(measured) == 2
-    # The plan bounds the whole run's peak (on CPU the process grows over its first ~100 steps,
-    # in bf16 by oneDNN's per-shape kernels): this 12-step run may sit below it, never more than
-    # 10% above. benchmarks/planner_accuracy.py tracks the error over whole runs, both precisions.
+    # Issue #28's bar: within 10% of the measured peak, in the precision this machine trains in
+    # (ORCHESTRATOR_TEST_PRECISION forces either). Measured: bf16 +0.8% / +5.9%, fp32 +5.3% /
+    # +5.8% on this 12-step run (the plan is for the whole run's peak, which the 300-step demo
+    # reaches: -3.2% / +2.1%); benchmarks/planner_accuracy.py tracks whole runs at real size.
     for p, m in zip(planned, measured):
-        assert 0.9 * m <= p <= 1.3 * m, (summary["precision"], planned, measured)
+        assert 0.9 * m <= p <= 1.1 * m, (summary["precision"], planned, measured)
 
 
 @pytest.mark.parametrize("strategy,kind", [
