@@ -6,13 +6,17 @@ labels are masked out), because sharded strategies need every rank in every forw
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from . import rundir
+from .config import RunConfig
 from .data import Example, collate, eval_shard
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo, all_gather_object, all_reduce_sum, release_free_host_memory, set_phase
 from .loss import IGNORE_INDEX, LossFn
 
 
@@ -93,3 +97,34 @@ def exact_match(model: nn.Module, examples: Sequence[Example], tokenizer, dist: 
     hits, total = all_reduce_sum([hits, total], dist.device)
     model.train(was_training)
     return hits / max(total, 1.0)
+
+
+def evaluate_run(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo, autocast,
+                 loss_fn, samples_path: Optional[Path] = None) -> dict:
+    """Eval loss and exact match; with ``samples_path`` (the final evaluation) rank 0 also writes
+    every generated answer there, so a user can read what the model said, not just a score.
+    Every rank calls it (the metrics are summed over ranks)."""
+    t = cfg.trainer
+    set_phase("evaluation")
+    release_free_host_memory(dist.device)  # training's freed activations, before eval allocates
+    out = {"eval_loss": eval_loss(strategy.eval_module, eval_examples, dist, t.eval_batch_size,
+                                  tokenizer.pad_token_id, autocast, loss_fn)}
+    if t.eval_generate_examples and cfg.data.format != "text":  # raw text has no answers
+        subset = eval_examples[: t.eval_generate_examples]
+        samples: list[dict] = []
+        out["eval_accuracy"] = exact_match(
+            strategy.eval_module, subset, tokenizer, dist, t.eval_batch_size,
+            t.eval_max_new_tokens, strategy.synced_forward, autocast, samples,
+        )
+        if samples_path is not None:
+            _write_samples(samples_path, subset, all_gather_object(samples), dist)
+    return out
+
+
+def _write_samples(path: Path, examples, per_rank: list[list[dict]], dist: DistInfo) -> None:
+    if not dist.is_main:
+        return
+    rows = sorted((s for rank in per_rank for s in rank), key=lambda s: s["index"])
+    text = "".join(json.dumps({"prompt": examples[s["index"]].prompt, "target": examples[s["index"]].target,
+                               **s}) + "\n" for s in rows)
+    rundir.write_bookkeeping(path, text, "the final evaluation's answers (eval_samples.jsonl)")

@@ -21,25 +21,23 @@ from typing import Any
 import torch
 
 from . import checkpoint, commcount, faults, rundir
-from .config import RunConfig, accumulation_steps, to_container
-from .data import (
-    PackedRowSampler, StepSampler, TokenBudgetSampler, collate, collate_rows, describe, example_lengths,
-    load_splits, model_inputs,
-)
+from .config import RunConfig, accumulation_steps
+from .data import describe, load_splits, model_inputs
+from .data.batches import Batches, build_batches
 from .distributed import (
     DistInfo, all_gather_floats, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
-    peak_memory_mb, release_free_host_memory, resolve_precision, set_phase, shutdown,
+    peak_memory_mb, resolve_precision, set_phase, shutdown,
 )
-from .evaluate import eval_loss, exact_match
+from .evaluate import evaluate_run
 from .loss import build_loss
 from .metrics import build_logger
-from .optim import continue_schedule
-from .preempt import StopRequest
-from .runinfo import code_info, hardware, library_versions, peak_flops
 from .model import ForwardDtypeProbe, base_linear_storage, compute_autocast, count_parameters, load_tokenizer
-from .plan import MiB, PlanError, data_lengths, plan_for_run
+from .optim import continue_schedule
+from .plan import MiB
+from .preempt import StopRequest
+from .record import log_memory, planned_peak_mb, report_holdings, run_record
+from .runinfo import code_info, peak_flops
 from .strategies import BatchPlan, build_strategy, needs_cpu_collectives
-from .strategies.mesh import local_world_size
 
 log = logging.getLogger("orchestrator")
 
@@ -59,83 +57,6 @@ class RunResult:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _evaluate(strategy, eval_examples, tokenizer, cfg: RunConfig, dist: DistInfo, autocast,
-              loss_fn, samples_path: Path | None = None) -> dict:
-    """Eval loss and exact match; with ``samples_path`` (the final evaluation) rank 0 also writes
-    every generated answer there, so a user can read what the model said, not just a score."""
-    t = cfg.trainer
-    set_phase("evaluation")
-    release_free_host_memory(dist.device)  # training's freed activations, before eval allocates
-    out = {"eval_loss": eval_loss(strategy.eval_module, eval_examples, dist, t.eval_batch_size,
-                                  tokenizer.pad_token_id, autocast, loss_fn)}
-    if t.eval_generate_examples and cfg.data.format != "text":  # raw text has no answers
-        subset = eval_examples[: t.eval_generate_examples]
-        samples: list[dict] = []
-        out["eval_accuracy"] = exact_match(
-            strategy.eval_module, subset, tokenizer, dist, t.eval_batch_size,
-            t.eval_max_new_tokens, strategy.synced_forward, autocast, samples,
-        )
-        if samples_path is not None:
-            _write_samples(samples_path, subset, all_gather_object(samples), dist)
-    return out
-
-
-def _write_samples(path: Path, examples, per_rank: list[list[dict]], dist: DistInfo) -> None:
-    if not dist.is_main:
-        return
-    rows = sorted((s for rank in per_rank for s in rank), key=lambda s: s["index"])
-    text = "".join(json.dumps({"prompt": examples[s["index"]].prompt, "target": examples[s["index"]].target,
-                               **s}) + "\n" for s in rows)
-    rundir.write_bookkeeping(path, text, "the final evaluation's answers (eval_samples.jsonl)")
-
-
-def _run_record(cfg: RunConfig, run_dir: Path, dist: DistInfo, strategy: str) -> dict[str, Any]:
-    """Config, overrides, code and machine, for W&B's run config (no environment, no secrets)."""
-    import yaml
-
-    overrides_file = run_dir / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-    return {
-        **to_container(cfg), "overrides": overrides, **code_info(),
-        "versions": library_versions(), "hardware": hardware(dist.world_size, strategy),
-    }
-
-
-def _report_holdings(strategy) -> list[dict]:
-    """Gather and log what each rank holds locally (shows what the strategy shards)."""
-    holdings = all_gather_object(strategy.holdings())
-    if strategy.dist.is_main:
-        for r, h in enumerate(holdings):
-            log.info("rank %d holds: base %.2f MB, adapter %.2f MB, optimizer state %.2f MB", r,
-                     h["base_bytes"] / 2**20, h["adapter_bytes"] / 2**20,
-                     h["optimizer_bytes"] / 2**20)
-    return holdings
-
-
-def _planned_peak_mb(cfg: RunConfig, dist: DistInfo, compute_dtype: torch.dtype, splits) -> float | None:
-    """What the planner expects this rank's measured peak to be (None for shapes it cannot
-    read), at the lengths of the data this run trains on: on CPU the process RSS, on CUDA the
-    allocator peak (context excluded)."""
-    try:
-        plan = plan_for_run(cfg, dist.world_size, dist.device.type, compute_dtype.itemsize,
-                            data=data_lengths(cfg, splits.train, splits.eval),
-                            ranks_per_node=local_world_size())
-    except PlanError as exc:
-        if dist.is_main:
-            log.warning("memory plan unavailable: %s", exc)
-        return None
-    return round(plan.measurable_bytes() / MiB, 1)
-
-
-def _log_memory(planned: float | None, peaks: list[float]) -> None:
-    for r, measured in enumerate(peaks):
-        if planned is None:
-            log.info("rank %d peak memory: measured %.0f MB", r, measured)
-        else:
-            log.info("rank %d peak memory: planned %.0f MB, measured %.0f MB (%+.1f%%)", r, planned,
-                     measured, 100.0 * (planned - measured) / measured)
 
 
 def _starting_point(cfg: RunConfig, run_dir: Path, strategy, sampler, dist: DistInfo,
@@ -197,7 +118,41 @@ def run(cfg: RunConfig, run_dir: Path) -> RunResult:
     return result
 
 
-def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
+@dataclass
+class _Model:
+    """What loading gives the loop: the strategy (which owns the wrapped model, optimizer and
+    schedule once set up), the PEFT model, and how it computes."""
+
+    strategy: Any
+    model: Any
+    tokenizer: Any
+    compute_dtype: torch.dtype
+    autocast: Any
+    loss_fn: Any
+    loss_kind: str
+    base_storage: Any
+    trainable: int
+    total: int
+
+
+@dataclass
+class _Step:
+    """One optimizer step's outcome, as every rank agrees on it."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    local_tokens: int
+    global_tokens: float
+    global_positions: float
+    seconds: float = 0.0
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+def _load_model(cfg: RunConfig, dist: DistInfo) -> _Model:
     t = cfg.trainer
     compute_dtype = resolve_precision(t.precision, dist.device)
     seed_everything(t.seed)  # same on every rank: identical LoRA init without a broadcast
@@ -206,50 +161,106 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     set_phase("model loading (tokenizer, base weights, quantization, LoRA)")
     tokenizer = load_tokenizer(cfg.model)
     model = strategy.load_model(cfg.model, cfg.quant, cfg.lora)
-    autocast = functools.partial(compute_autocast, dist.device.type, compute_dtype)
     base_storage = base_linear_storage(model)  # before any sharding
     loss_fn, loss_kind = build_loss(t.loss, model, announce=dist.is_main)  # before the strategy wraps
     trainable, total = count_parameters(model)
+    return _Model(strategy, model, tokenizer, compute_dtype,
+                  functools.partial(compute_autocast, dist.device.type, compute_dtype),
+                  loss_fn, loss_kind, base_storage, trainable, total)
+
+
+def _train_step(m: _Model, batches: Batches, step: int, dist: DistInfo, cfg: RunConfig) -> _Step:
+    """Forward and backward over this rank's micro-batches, then the optimizer step. The loss is
+    the mean over every labelled token of the global batch (see the module docstring)."""
+    strategy = m.strategy
+    set_phase(f"step {step} forward/backward (gradient all-reduce)")
+    micro = batches.micro_batches(step)
+    local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
+    local_positions = sum(b["input_ids"].numel() for b in micro)
+    global_targets, global_tokens, global_positions = all_reduce_sum(
+        [local_targets, local_tokens, local_positions], dist.device)
+    scale = dist.world_size / max(global_targets, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    for j, b in enumerate(micro):
+        # token_mask only counts tokens (above, on the host); it stays off the device
+        b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items() if k != "token_mask"}
+        with strategy.accumulate(sync=j == len(micro) - 1):
+            with m.autocast():
+                loss = m.loss_fn(strategy.train_module, model_inputs(b), b["labels"])
+                if faults.armed("nan_loss", step, dist.rank):
+                    loss = loss * float("nan")
+            strategy.backward(loss * scale)
+        loss_sum += loss.detach().double()
+    lr = strategy.lr
+    set_phase(f"step {step} optimizer step (grad-norm all-reduce)")
+    grad_norm = strategy.step(cfg.trainer.max_grad_norm)
+    set_phase(f"step {step} loss all-reduce")
+    (loss_total,) = all_reduce_sum([float(loss_sum)], dist.device)
+    return _Step(loss_total / max(global_targets, 1.0), grad_norm, lr, local_tokens, global_tokens,
+                 global_positions)
+
+
+def _step_metrics(s: _Step, batches: Batches, step: int, dist: DistInfo, flops: tuple) -> dict[str, Any]:
+    """What is logged for a step; gathers every rank's tokens/s and peak memory (a collective)."""
+    per_rank = all_gather_floats([s.local_tokens / s.seconds, peak_memory_mb(dist.device)], dist.device)
+    metrics = {
+        "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
+        "tokens_per_s": s.global_tokens / s.seconds,
+        "tokens_per_s_per_rank": [round(r[0], 1) for r in per_rank],
+        "non_pad_share": s.global_tokens / s.global_positions,
+        "step_time_s": s.seconds,
+        "peak_memory_mb": [round(r[1], 1) for r in per_rank],
+    }
+    if hasattr(batches.sampler, "row_fill"):  # packed: tokens / (rows x max_seq_len), global batch
+        metrics["row_fill"] = batches.sampler.row_fill(step - 1)
+    if not s.finite:
+        metrics["skipped"] = True
+    flops_per_token, peak = flops
+    if peak is not None:
+        metrics["mfu"] = s.global_tokens / s.seconds * flops_per_token / (peak * dist.world_size)
+    return metrics
+
+
+def _nonfinite(s: _Step, step: int, skipped: int, cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
+    """A non-finite loss or gradient norm: stop (keeping the last good checkpoint) or count the
+    skipped update, per trainer.on_nonfinite; returns the skipped count."""
+    what = "loss" if not math.isfinite(s.loss) else "gradient norm"
+    if cfg.trainer.on_nonfinite == "stop":
+        raise NonFiniteError(
+            f"non-finite {what} at step {step} (loss={s.loss}, grad_norm={s.grad_norm}); "
+            f"stopped, the last good checkpoint is kept ({checkpoint.latest(run_dir)})")
+    if dist.is_main:
+        log.warning("non-finite %s at step %d: update skipped (%d so far)", what, step, skipped + 1)
+    return skipped + 1
+
+
+def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
+    t = cfg.trainer
+    m = _load_model(cfg, dist)
+    strategy, model = m.strategy, m.model
 
     set_phase("data loading (rank 0 tokenizes or reads the cache, the others wait)")
-    splits = load_splits(cfg.data, tokenizer, dist.is_main, broadcast_object)
-    train_examples, eval_examples = splits.train, splits.eval
+    splits = load_splits(cfg.data, m.tokenizer, dist.is_main, broadcast_object)
+    eval_examples = splits.eval
     accum = accumulation_steps(cfg, dist.world_size)
-    planned_mb = _planned_peak_mb(cfg, dist, compute_dtype, splits)
-    pad_id = tokenizer.pad_token_id
-    if cfg.data.packing and cfg.data.packing_scope == "dataset":  # global batch in rows
-        sampler = PackedRowSampler(
-            t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank, t.seed,
-            example_lengths(train_examples), cfg.data.max_seq_len, splits.fingerprint)
-        if dist.is_main:
-            log.info("packing: %d examples into %d rows of %d tokens (%.1f%% full)",
-                     len(train_examples), len(sampler.rows), cfg.data.max_seq_len, 100 * sampler.fill)
-    elif cfg.data.packing:  # token budget: micro_batch_size rows of max_seq_len, packed over the global batch
-        sampler = TokenBudgetSampler(
-            len(train_examples), t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank,
-            t.seed, example_lengths(train_examples), cfg.data.max_seq_len, splits.fingerprint)
-    else:
-        sampler = StepSampler(len(train_examples), t.global_batch_size, t.micro_batch_size,
-                              dist.world_size, dist.rank, t.seed, fingerprint=splits.fingerprint)
-    if cfg.data.packing:
-        make_batch = lambda mb: collate_rows([[train_examples[i] for i in row] for row in mb], pad_id)  # noqa: E731
-    else:
-        make_batch = lambda mb: collate([train_examples[i] for i in mb], pad_id)  # noqa: E731
-    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * sampler.steps_per_epoch
+    planned_mb = planned_peak_mb(cfg, dist, m.compute_dtype, splits)
+    batches = build_batches(cfg, splits.train, splits.fingerprint, dist.world_size, dist.rank,
+                            m.tokenizer.pad_token_id, announce=dist.is_main)
+    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * batches.steps_per_epoch
     set_phase("strategy setup (wrapping the model, building the optimizer)")
     strategy.setup(model, cfg.optim, total_steps, BatchPlan(t.micro_batch_size, accum, t.max_grad_norm))
     # Start-up peak per rank (model loaded, quantized and sharded): what low-memory loading saves.
     load_peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
 
-    state, start_step, origin = _starting_point(cfg, run_dir, strategy, sampler, dist, total_steps)
+    state, start_step, origin = _starting_point(cfg, run_dir, strategy, batches.sampler, dist, total_steps)
 
     set_phase("logger start-up (W&B on rank 0)")
     logger = build_logger(cfg, run_dir, dist.is_main, total_steps, start_step,
-                          run_config=_run_record(cfg, run_dir, dist, strategy.name))
+                          run_config=run_record(cfg, run_dir, dist, strategy.name))
     # MFU estimate: a frozen base costs ~2N FLOPs per token forward and ~2N backward (input
     # gradients only), plus another forward under activation checkpointing.
-    flops_per_token = (6 if cfg.model.gradient_checkpointing else 4) * total
-    peak = peak_flops(dist.device)
+    flops = ((6 if cfg.model.gradient_checkpointing else 4) * m.total, peak_flops(dist.device))
     holdings: list[dict] = []
     if dist.is_main:
         for line in describe(splits):
@@ -257,14 +268,14 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
         log.info(
             "strategy=%s world=%d device=%s precision=%s quant=%s accumulation=%d steps=%d "
             "trainable=%d/%d params loss=%s%s", strategy.name, dist.world_size, dist.device,
-            str(compute_dtype).replace("torch.", ""), cfg.quant.method, accum, total_steps, trainable, total, loss_kind,
-            origin,
+            str(m.compute_dtype).replace("torch.", ""), cfg.quant.method, accum, total_steps,
+            m.trainable, m.total, m.loss_kind, origin,
         )
 
+    evaluate = functools.partial(evaluate_run, strategy, eval_examples, m.tokenizer, cfg, dist, m.autocast, m.loss_fn)
     if "eval_before" not in state and eval_examples:
-        before = _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast, loss_fn)
-        state["eval_before"] = before
-        logger.log(0, before)
+        state["eval_before"] = evaluate()
+        logger.log(0, state["eval_before"])
 
     forward_dtype = ForwardDtypeProbe(model)  # the first training forward's, not evaluation's
     stop = StopRequest(run_dir, dist.device, t.save_every_minutes)
@@ -279,78 +290,30 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         faults.at_step_start(step, dist.rank, run_dir)  # test hooks: pace, wait, hang
-        set_phase(f"step {step} forward/backward (gradient all-reduce)")
-        micro = [make_batch(mb) for mb in sampler.micro_batches(step - 1)]
-        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
-        local_positions = sum(b["input_ids"].numel() for b in micro)
-        global_targets, global_tokens, global_positions = all_reduce_sum(
-            [local_targets, local_tokens, local_positions], dist.device)
-        scale = dist.world_size / max(global_targets, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-        for j, b in enumerate(micro):
-            # token_mask only counts tokens (above, on the host); it stays off the device
-            b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items() if k != "token_mask"}
-            with strategy.accumulate(sync=j == len(micro) - 1):
-                with autocast():
-                    loss = loss_fn(strategy.train_module, model_inputs(b), b["labels"])
-                    if faults.armed("nan_loss", step, dist.rank):
-                        loss = loss * float("nan")
-                strategy.backward(loss * scale)
-            loss_sum += loss.detach().double()
-        lr = strategy.lr
-        set_phase(f"step {step} optimizer step (grad-norm all-reduce)")
-        grad_norm = strategy.step(t.max_grad_norm)
-        set_phase(f"step {step} loss all-reduce")
-        (loss_total,) = all_reduce_sum([float(loss_sum)], dist.device)
-        step_loss = loss_total / max(global_targets, 1.0)
-        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-        if not finite:
-            what = "loss" if not math.isfinite(step_loss) else "gradient norm"
-            if t.on_nonfinite == "stop":
-                raise NonFiniteError(
-                    f"non-finite {what} at step {step} (loss={step_loss}, grad_norm={grad_norm}); "
-                    f"stopped, the last good checkpoint is kept ({checkpoint.latest(run_dir)})"
-                )
-            skipped += 1
-            if dist.is_main:
-                log.warning("non-finite %s at step %d: update skipped (%d so far)", what, step, skipped)
+        s = _train_step(m, batches, step, dist, cfg)
+        if not s.finite:
+            skipped = _nonfinite(s, step, skipped, cfg, run_dir, dist)
         set_phase(f"step {step} metrics gather")
-        dt = time.perf_counter() - t0
+        s.seconds = time.perf_counter() - t0
         if not holdings:  # after the first step, when the optimizer state exists
-            holdings = _report_holdings(strategy)
-        train_time += dt
-        tokens_seen += global_tokens
+            holdings = report_holdings(strategy)
+        train_time += s.seconds
+        tokens_seen += s.global_tokens
         state["skipped_steps"] = skipped
-        if finite:
-            losses.append(step_loss)
-            state.setdefault("train_loss_first", step_loss)
+        if s.finite:
+            losses.append(s.loss)
+            state.setdefault("train_loss_first", s.loss)
         is_last = step == total_steps
         if step % cfg.logger.every_n_steps == 0 or is_last:
-            per_rank = all_gather_floats([local_tokens / dt, peak_memory_mb(dist.device)], dist.device)
-            metrics = {
-                "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": global_tokens / dt,
-                "tokens_per_s_per_rank": [round(r[0], 1) for r in per_rank],
-                "non_pad_share": global_tokens / global_positions,
-                "step_time_s": dt,
-                "peak_memory_mb": [round(r[1], 1) for r in per_rank],
-            }
-            if cfg.data.packing:  # tokens / (packed rows x max_seq_len) over the global batch
-                metrics["row_fill"] = sampler.row_fill(step - 1)
-            if not finite:
-                metrics["skipped"] = True
-            if peak is not None:
-                metrics["mfu"] = global_tokens / dt * flops_per_token / (peak * dist.world_size)
-            logger.log(step, metrics)
+            logger.log(step, _step_metrics(s, batches, step, dist, flops))
         if t.eval_every and step % t.eval_every == 0 and not is_last and eval_examples:
-            logger.log(step, _evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast, loss_fn))
+            logger.log(step, evaluate())
         set_phase(f"step {step} stop-request check (all-reduce)")
         periodic = bool(t.save_every) and step % t.save_every == 0 and not is_last
         stopping, timed = (False, False) if is_last else stop.at_boundary(dist.is_main)
         if periodic or timed or stopping:
-            state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=step_loss,
-                         sampler=sampler.state_dict(step))
+            state.update(tokens_seen=tokens_seen, train_time_s=train_time, train_loss_last=s.loss,
+                         sampler=batches.sampler.state_dict(step))
             saved = _write(logger, checkpoint.save, run_dir, step, strategy, dist, state,
                            t.keep_last_n)
             stop.saved()
@@ -364,33 +327,48 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
             return RunResult(summary={"stopped_at_step": step}, model=model, losses=losses,
                              stopped=True)
 
-    after = (_evaluate(strategy, eval_examples, tokenizer, cfg, dist, autocast, loss_fn,
-                       run_dir / "eval_samples.jsonl") if eval_examples else {})
+    after = evaluate(run_dir / "eval_samples.jsonl") if eval_examples else {}
     if after:
         logger.log(step, after)
-    state.update(tokens_seen=tokens_seen, train_time_s=train_time, sampler=sampler.state_dict(step),
+    state.update(tokens_seen=tokens_seen, train_time_s=train_time, sampler=batches.sampler.state_dict(step),
                  train_loss_last=losses[-1] if losses else state.get("train_loss_last"))
     if step > start_step:
         _write(logger, checkpoint.save, run_dir, step, strategy, dist, state, t.keep_last_n)
     set_phase("adapter export")
     _write(logger, checkpoint.export_adapter, run_dir, strategy, dist, step)
     peaks = all_gather_object(round(peak_memory_mb(dist.device), 1))
-    precision = str(compute_dtype).replace("torch.", "")
+    precision = str(m.compute_dtype).replace("torch.", "")
     if dist.is_main:
-        _log_memory(planned_mb, peaks)
+        log_memory(planned_mb, peaks)
         if forward_dtype.dtype not in (None, precision):
             log.warning("the adapters computed in %s, not %s: the strategy's forward did not run "
                         "under the compute dtype's autocast", forward_dtype.dtype, precision)
+    summary = _summary(cfg, m, dist, state, after, step, precision, forward_dtype.dtype, peaks,
+                       planned_mb, load_peaks, holdings, splits, batches, tokens_seen, train_time,
+                       skipped)
+    if dist.is_main:
+        rundir.write_bookkeeping(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n",
+                                 "the run's summary (summary.json)")
+        rundir.write_state(run_dir, "finished", step=step)
+    set_phase("logger finish (W&B upload on rank 0)")
+    logger.close()  # after the results are on disk: a slow upload must not hold them back
+    return RunResult(summary=summary, model=model, losses=losses)
+
+
+def _summary(cfg: RunConfig, m: _Model, dist: DistInfo, state: dict, after: dict, step: int,
+             precision: str, forward_dtype: str | None, peaks: list, planned_mb: float | None,
+             load_peaks: list, holdings: list, splits, batches: Batches, tokens_seen: float,
+             train_time: float, skipped: int) -> dict[str, Any]:
     before = state.get("eval_before", {})
-    summary = {
+    return {
         "steps": step,
         "world_size": dist.world_size,
-        "strategy": strategy.name,
+        "strategy": m.strategy.name,
         "device": dist.device.type,
         "precision": precision,
-        "forward_dtype": forward_dtype.dtype,  # what the adapters computed in (None: no step ran)
-        "trainable_params": trainable,
-        "total_params": total,
+        "forward_dtype": forward_dtype,  # what the adapters computed in (None: no step ran)
+        "trainable_params": m.trainable,
+        "total_params": m.total,
         "train_loss_first": state.get("train_loss_first"),
         "train_loss_last": state.get("train_loss_last"),
         "eval_loss_before": before.get("eval_loss"),
@@ -408,18 +386,11 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> RunResult:
                                     if dist.device.type == "cuda" else None),
         "skipped_steps": skipped,
         "holdings_bytes": holdings,
-        "base_storage": base_storage,
-        "loss": loss_kind,
+        "base_storage": m.base_storage,
+        "loss": m.loss_kind,
         "init_from": cfg.lora.init_from,  # the adapter training started from (None: fresh LoRA)
         "forked_from": state.get("forked_from"),  # the checkpoint, run and step it forked (or None)
         "data": {**splits.stats, "packing": cfg.data.packing, "fingerprint": splits.fingerprint,
-                 **sampler.packing_stats()},
+                 **batches.sampler.packing_stats()},
         **code_info(),  # version, git commit (None outside a clone) and where the code ran from
     }
-    if dist.is_main:
-        rundir.write_bookkeeping(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n",
-                                 "the run's summary (summary.json)")
-        rundir.write_state(run_dir, "finished", step=step)
-    set_phase("logger finish (W&B upload on rank 0)")
-    logger.close()  # after the results are on disk: a slow upload must not hold them back
-    return RunResult(summary=summary, model=model, losses=losses)

@@ -12,6 +12,7 @@ its micro-batches.
     budget    token-budget packing of the whole global batch (best-fit decreasing)
     sampler   deterministic per-rank position, checkpointed
     mixture   several sources, each prepared as above, drawn in exact seeded counts
+    batches   the sampler and collate a run's data settings ask for, per optimizer step
 """
 
 from __future__ import annotations
