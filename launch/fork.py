@@ -67,8 +67,9 @@ def _same_base(cfg, parent: dict[str, Any], where: str) -> None:
     a, b = Path(theirs) / "config.json", Path(cfg.model.path) / "config.json"
     if a.is_file() and b.is_file() and json.loads(a.read_text()) == json.loads(b.read_text()):
         return
+    why = "their config.json differ" if a.is_file() else f"{a} is not there to compare"
     raise UsageError(f"{where} was trained on model.path={theirs}, not on model.path={cfg.model.path} "
-                     "(their config.json differ); a fork keeps its base")
+                     f"({why}); a fork keeps its base")
 
 
 def _same_format(cfg, source: Path, where: str) -> None:

@@ -271,10 +271,7 @@ def reserve_space(run_dir: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError:
-        try:
-            path.unlink()
-        except OSError:
-            pass
+        _unlink(path)
 
 
 def write_bookkeeping(path: Path, text: "str | bytes", what: str, spend_reserve: bool = False) -> bool:
@@ -307,8 +304,8 @@ def write_bookkeeping(path: Path, text: "str | bytes", what: str, spend_reserve:
             import logging
 
             logging.getLogger("orchestrator").warning(
-                "could not write %s (%s: %s); the previous one stays, and the run is not stopped for it", what, path,
-                exc.strerror or exc)
+                "could not write %s (%s: %s); the previous one stays, and the run is not stopped "
+                "for it", what, path, exc.strerror or exc)
         return False
 
 

@@ -120,6 +120,13 @@ def _fork_refusals(parent: Path, tmp_path: Path) -> None:
         cfg = build_config([child, *common, "trainer.max_steps=8", *overrides])
         with pytest.raises(UsageError, match=message):
             check_fork(cfg)
+    from orchestrator.tiny.families import build
+
+    other = build("gpt_neox", tmp_path / "neox")
+    cfg = build_config([child, *common, "trainer.max_steps=8", f"run.fork_from={at4}", f"model.path={other}"])
+    with pytest.raises(UsageError, match=r"was trained on model.path=.*tiny-llama, not on model.path=.*neox "
+                                         r"\(their config.json differ\); a fork keeps its base"):
+        check_fork(cfg)
     cfg = build_config([child, *common, "trainer.max_steps=8", f"run.fork_from={parent}", "lora.alpha=64",
                         "run.fork_optimizer=false", "data.max_seq_len=64"])
     with pytest.raises(UsageError, match="lora.alpha=64 contradicts the parent's 32"):
