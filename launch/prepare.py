@@ -391,8 +391,11 @@ def _lock(run_dir: Path) -> None:
     Slurm job it submits); a directory another run writes is refused with its holder named."""
     from orchestrator import rundir
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         rundir.hold(run_dir)
     except rundir.RunDirBusy as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # the disk filled (or went read-only) since the preflight's probe
+        raise UsageError(f"run.dir={str(run_dir)!r} cannot be written: {exc.strerror or exc} "
+                         f"({exc.filename or run_dir / rundir.LOCK_FILE})") from None

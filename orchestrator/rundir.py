@@ -164,8 +164,12 @@ def acquire(run_dir: Path) -> RunLock:
             f"to finish, stop it (touch {run_dir}/STOP), or choose another run.dir"
         )
     lock = RunLock(run_dir, fd, {})
-    lock._write({"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": mine,
-                 "attempt": _attempt(), "since": _now(), "token": secrets.token_hex(8)})
+    try:
+        lock._write({"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": mine,
+                     "attempt": _attempt(), "since": _now(), "token": secrets.token_hex(8)})
+    except OSError:  # a full or read-only disk: not held, and nothing left open
+        lock.release()
+        raise
     return lock
 
 

@@ -234,6 +234,10 @@ def test_bookkeeping_writes_on_a_full_or_read_only_disk_warn_once_and_keep_the_o
     assert rundir.read_state(run_dir)["step"] == 3  # the previous state, whole
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "state.json"]  # no temp files
     _cache_write_fails(small_fs, "No space left on device")
+    from launch.prepare import UsageError, _lock  # the launcher's lock, on a disk that filled after preflight
+
+    with pytest.raises(UsageError, match=f"^run.dir='{small_fs / 'other'}' cannot be written: No space left on device"):
+        _lock(small_fs / "other")
 
     (small_fs / "fill").unlink()
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
