@@ -30,10 +30,14 @@ def test_extend_a_finished_run_equals_training_to_the_new_total(tmp_path) -> Non
     extended, one_go = tmp_path / "extended", tmp_path / "one_go"
     first = orchestrate("train", f"run.dir={extended}", "trainer.max_steps=4", *COMMON)
     assert first.returncode == 0, first.stderr[-3000:]
-    # Shrinking, or changing anything else along with the length, is still a different run.
+    # Shrinking, or changing anything else along with the length, is still a different run
+    # (the launcher's check, in-process: the same function a launch calls before any rank).
+    from launch.prepare import UsageError, build_config, prepare_run_dir
+
     for bad in (["trainer.max_steps=3"], ["trainer.max_steps=6", "optim.lr=1e-3"]):
-        refused = orchestrate("train", f"run.dir={extended}", *COMMON, *bad)
-        assert refused.returncode == 2 and "belongs to a run with a different config" in refused.stderr, bad
+        overrides = [f"run.dir={extended}", *COMMON, *bad]
+        with pytest.raises(UsageError, match="belongs to a run with a different config"):
+            prepare_run_dir(build_config(overrides), overrides)
     more = orchestrate("train", f"run.dir={extended}", "trainer.max_steps=6", *COMMON)
     assert more.returncode == 0, more.stderr[-3000:]
     assert ("extending the run: trainer.max_steps 4 -> 6; it resumes from its latest checkpoint and "
@@ -153,9 +157,11 @@ def test_start_from_an_adapter_begins_where_it_ended(two_rank_run, tmp_path, str
     assert summary["eval_loss_before"] == pytest.approx(parent["eval_loss_after"], rel=1e-4)
     assert {f.name: f.read_bytes() for f in adapter.iterdir()} == before  # the parent's adapter
     if strategy == ["strategy=ddp"]:  # the launcher's refusal does not depend on the strategy: once
-        refused = orchestrate("train", f"run.dir={tmp_path / 'refused'}", *overrides[1:], "lora.r=8")
-        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-        assert "lora.r=8 contradicts the adapter's 16" in refused.stderr
+        from launch.model_checks import check_family
+        from launch.prepare import UsageError, build_config
+
+        with pytest.raises(UsageError, match="^lora.r=8 contradicts the adapter's 16 at lora.init_from="):
+            check_family(build_config([f"run.dir={tmp_path / 'refused'}", *overrides[1:], "lora.r=8"]))
 
 
 def test_adapter_of_another_base_is_refused_before_launch(two_rank_run, tmp_path) -> None:

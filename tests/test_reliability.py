@@ -20,10 +20,11 @@ from conftest import ROOT, orchestrate, read_metrics
 pytestmark = pytest.mark.slow
 
 STEPS = 8
-# The default lora.dropout (0.05): dropout is training's one random draw, so the per-rank RNG
-# that checkpoints save and restore decides whether a resumed run equals the uninterrupted one.
+# lora.dropout=0.1, twice the default (the default's exact resumes are test_refuse's and
+# test_continue's): dropout is training's one random draw, so the per-rank RNG that checkpoints
+# save and restore decides whether a resumed run equals the uninterrupted one.
 COMMON = [
-    "launcher.nproc_per_node=2", "trainer.precision=fp32",
+    "launcher.nproc_per_node=2", "trainer.precision=fp32", "lora.dropout=0.1",
     f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.keep_last_n=2",
     "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
     "trainer.eval_generate_examples=0", "optim.lr=2e-3", "logger=basic", "logger.console=false",
