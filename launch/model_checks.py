@@ -45,7 +45,7 @@ def adopt_lora_shape(cfg, shape: dict, theirs: str) -> None:
     default = LoraConfig()
     for key, value in shape.items():
         mine = getattr(cfg.lora, key)
-        mine = list(mine) if isinstance(mine, (list, tuple)) or type(mine).__name__ == "ListConfig" else mine
+        mine = list(mine) if isinstance(mine, (list, tuple)) else mine
         if mine != value:
             if mine != getattr(default, key):
                 raise UsageError(f"lora.{key}={mine} contradicts {theirs.format(value)}; leave it unset: "

@@ -243,10 +243,8 @@ def load(path: Path, strategy: Strategy, dist: DistInfo, everything: bool = True
     ``everything=False`` (a fork that keeps only the adapter) the adapter weights alone: the
     optimizer, schedule and RNG stay as a fresh run has them."""
     strategy.load_state(path, optimizer=everything)
-    if not everything:
-        return broadcast_object(json.loads((path / "trainer_state.json").read_text()))
     rng_file = path / f"rng-rank{dist.rank}.pt"
-    if rng_file.exists():
+    if everything and rng_file.exists():
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():

@@ -22,6 +22,7 @@ import errno
 import os
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import DataConfig
@@ -136,10 +137,13 @@ def prepare(cfg: DataConfig, tokenizer) -> Splits:
             return Splits(train, evals, fingerprint=key, stats=stats, cache_hit=hit)
         return _prepare_one(cfg, tokenizer)
     except OSError as exc:
-        if exc.errno not in _STORAGE_ERRORS:
+        root = cache_root(cfg)
+        # A named file outside the cache is the data's own (an unreadable row file): not ours to word.
+        if exc.errno not in _STORAGE_ERRORS or (
+                exc.filename and root.resolve() not in Path(exc.filename).resolve().parents):
             raise
-        raise DataError(f"the tokenized data could not be written to the cache at {cache_root(cfg)}: "
-                        f"{os.strerror(exc.errno)} ({exc.filename or cache_root(cfg)}); its partial entry "
+        raise DataError(f"the tokenized data could not be written to the cache at {root}: "
+                        f"{os.strerror(exc.errno)} ({exc.filename or root}); its partial entry "
                         "was removed; free space there or set data.cache_dir to another filesystem") from None
 
 
