@@ -1,7 +1,8 @@
 """Atomic, resumable checkpoints in ``run_dir/checkpoints``.
 
-Layout: ``step-00000100/`` holds the strategy's state (adapter, optimizer, schedule), one RNG
-file per rank and ``trainer_state.json``; ``latest`` names the newest complete one. A
+Layout: ``step-00000100/`` holds the strategy's state (adapter, optimizer, schedule) and
+``trainer_state.json``; no RNG state, since each micro-batch seeds its own draws
+(``data/batches.draw_seed``); ``latest`` names the newest complete one. A
 checkpoint is written under a temporary name and renamed only when every rank has finished
 writing, and ``latest`` moves only after that, so a crash mid-write leaves the previous
 checkpoint as the one a resume picks.
@@ -16,8 +17,6 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
-
-import torch
 
 from . import faults
 from .distributed import DistInfo, all_gather_object, barrier, broadcast_object, set_phase
@@ -112,10 +111,6 @@ def save(
         strategy.save_state(tmp)
         if faults.armed("checkpoint_write", step, dist.rank):
             faults.die()  # killed mid-write: the partial .tmp dir must never be resumed from
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state(dist.device)
-        torch.save(rng, tmp / f"rng-rank{dist.rank}.pt")
     with _agreed(run_dir, what, tmp, dist):
         if dist.is_main:
             # The step last: a resumed run's state still holds the step it was loaded at.
@@ -239,15 +234,9 @@ def _rotate(root: Path, keep_last_n: int) -> None:
 
 
 def load(path: Path, strategy: Strategy, dist: DistInfo, everything: bool = True) -> dict[str, Any]:
-    """Restore strategy state and this rank's RNG; returns the trainer state. With
-    ``everything=False`` (a fork that keeps only the adapter) the adapter weights alone: the
-    optimizer, schedule and RNG stay as a fresh run has them."""
+    """Restore strategy state; returns the trainer state. With ``everything=False`` (a fork
+    that keeps only the adapter) the adapter weights alone: the optimizer and schedule stay as a
+    fresh run has them."""
     strategy.load_state(path, optimizer=everything)
-    rng_file = path / f"rng-rank{dist.rank}.pt"
-    if everything and rng_file.exists():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"], dist.device)
     state = json.loads((path / "trainer_state.json").read_text())
     return broadcast_object(state)

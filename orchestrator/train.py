@@ -65,14 +65,13 @@ def _starting_point(cfg: RunConfig, run_dir: Path, strategy, sampler, dist: Dist
     checkpoint (a resume), else the checkpoint ``run.fork_from`` names (the parent is only
     read), else step 0. The optimizer's hyperparameters and the schedule are this run's config
     at that step in every case (optim.continue_schedule)."""
-    t = cfg.trainer
     own = checkpoint.latest(run_dir) if cfg.run.resume else None
     state: dict[str, Any] = {}
-    step, origin, keeps_rng = 0, "", False
+    step, origin = 0, ""
     if own is not None:
         set_phase(f"checkpoint load ({own})")
         state = checkpoint.load(own, strategy, dist)
-        step, origin, keeps_rng = state["step"], f" (resuming at step {state['step']} from {own})", True
+        step, origin = state["step"], f" (resuming at step {state['step']} from {own})"
         sampler.load_state_dict(state.get("sampler"), step)
     elif cfg.run.fork_from:
         source = checkpoint.resolve(Path(cfg.run.fork_from))
@@ -81,14 +80,12 @@ def _starting_point(cfg: RunConfig, run_dir: Path, strategy, sampler, dist: Dist
         parent = checkpoint.load(source, strategy, dist, everything=everything)
         state["forked_from"] = {"checkpoint": str(source), "run": str(checkpoint.run_of(source)),
                                 "step": parent["step"], "optimizer": everything}
-        if everything:  # the parent's step, data position and RNG go on; its tallies do not
-            step, keeps_rng = parent["step"], True
+        if everything:  # the parent's step and data position go on; its tallies do not
+            step = parent["step"]
             sampler.load_state_dict(parent.get("sampler"), step)
         origin = (f" (forked from {source} at its step {parent['step']}, "
                   + ("with its optimizer, step and data position)" if everything else
                      "its adapter only: step 0, a fresh optimizer)"))
-    if not keeps_rng:
-        seed_everything(t.seed + dist.rank)  # per-rank dropout streams
     continue_schedule(strategy.optimizer, strategy.scheduler, cfg.optim, total_steps, step)
     return state, step, origin
 
@@ -175,16 +172,17 @@ def _train_step(m: _Model, batches: Batches, step: int, dist: DistInfo, cfg: Run
     strategy = m.strategy
     set_phase(f"step {step} forward/backward (gradient all-reduce)")
     micro = batches.micro_batches(step)
-    local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-    local_tokens = sum(int(b["token_mask"].sum()) for b in micro)
-    local_positions = sum(b["input_ids"].numel() for b in micro)
+    local_targets = sum(int((b.tensors["labels"][:, 1:] != -100).sum()) for b in micro)
+    local_tokens = sum(int(b.tensors["token_mask"].sum()) for b in micro)
+    local_positions = sum(b.tensors["input_ids"].numel() for b in micro)
     global_targets, global_tokens, global_positions = all_reduce_sum(
         [local_targets, local_tokens, local_positions], dist.device)
     scale = dist.world_size / max(global_targets, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-    for j, b in enumerate(micro):
+    for j, (seed, tensors) in enumerate(micro):
+        torch.manual_seed(seed)  # dropout's masks follow the examples (data/batches.py)
         # token_mask only counts tokens (above, on the host); it stays off the device
-        b = {k: v.to(dist.device, non_blocking=True) for k, v in b.items() if k != "token_mask"}
+        b = {k: v.to(dist.device, non_blocking=True) for k, v in tensors.items() if k != "token_mask"}
         with strategy.accumulate(sync=j == len(micro) - 1):
             with m.autocast():
                 loss = m.loss_fn(strategy.train_module, model_inputs(b), b["labels"])

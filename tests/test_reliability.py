@@ -21,8 +21,9 @@ pytestmark = pytest.mark.slow
 
 STEPS = 8
 # lora.dropout=0.1, twice the default (the default's exact resumes are test_refuse's and
-# test_continue's): dropout is training's one random draw, so the per-rank RNG that checkpoints
-# save and restore decides whether a resumed run equals the uninterrupted one.
+# test_continue's): dropout is training's one random draw, so whether a resumed run draws the
+# uninterrupted run's masks (each micro-batch seeds them from its examples, data/batches.py)
+# decides whether it equals that run bit for bit.
 COMMON = [
     "launcher.nproc_per_node=2", "trainer.precision=fp32", "lora.dropout=0.1",
     f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.keep_last_n=2",

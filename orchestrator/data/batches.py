@@ -3,13 +3,21 @@
 One place picks the sampler the data settings ask for (plain, token-budget packing over the
 global batch, or rows packed once over the whole dataset) and the collate that goes with it,
 so the training loop asks for ``micro_batches(step)`` and never which packing it runs.
+
+Each micro-batch carries the seed its random draws (LoRA dropout) start from, a hash of the
+run's seed, the step and the micro-batch's examples: the masks follow the examples, not a
+rank's stream. A resume draws them again without any saved RNG, and a run resumed on another
+world size with the same micro-batch size (so the same micro-batches: the sampler gives each
+rank a contiguous part of the global batch) draws the same masks, where per-rank streams would
+not; only step-scoped packing, which balances rows over the ranks, regroups them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from ..config import RunConfig
 from .budget import PackedRowSampler, TokenBudgetSampler
@@ -20,18 +28,32 @@ from .sampler import StepSampler
 log = logging.getLogger("orchestrator")
 
 
+class MicroBatch(NamedTuple):
+    seed: int  # for torch.manual_seed before its forward (draw_seed)
+    tensors: dict
+
+
+def draw_seed(seed: int, step: int, examples: Any) -> int:
+    """The seed of one micro-batch's random draws: a function of the run's seed, the step and
+    the micro-batch's example indices (rows of them when packed), whichever rank computes it."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{examples}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # within torch.manual_seed's range
+
+
 @dataclass
 class Batches:
     sampler: StepSampler
     make_batch: Callable[[Any], dict]
+    seed: int
 
     @property
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
 
-    def micro_batches(self, step: int) -> list[dict]:
+    def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's collated micro-batches of optimizer step ``step`` (1-based)."""
-        return [self.make_batch(mb) for mb in self.sampler.micro_batches(step - 1)]
+        return [MicroBatch(draw_seed(self.seed, step, mb), self.make_batch(mb))
+                for mb in self.sampler.micro_batches(step - 1)]
 
 
 def build_batches(cfg: RunConfig, examples: Sequence, fingerprint: str, world: int, rank: int,
@@ -57,4 +79,4 @@ def build_batches(cfg: RunConfig, examples: Sequence, fingerprint: str, world: i
     else:
         def make_batch(indices):
             return collate([examples[i] for i in indices], pad_id)
-    return Batches(sampler, make_batch)
+    return Batches(sampler, make_batch, t.seed)
