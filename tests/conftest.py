@@ -23,18 +23,19 @@ FAST = [
 ]
 
 
-# ORCHESTRATOR_TEST_PRECISION=fp32|bf16 runs every `orchestrate train` of the suite in that
-# precision (unless a test sets its own), so one machine can check both kinds of CI machine: the
-# launcher's `auto` picks bf16 on CPUs with AVX512-BF16 and fp32 on the others.
-FORCED_PRECISION = os.environ.get("ORCHESTRATOR_TEST_PRECISION")
+# ORCHESTRATOR_TEST_PRECISION=fp32|bf16 makes the suite run as on the other kind of CI machine:
+# `auto` precision picks bf16 on CPUs with AVX512-BF16/AMX and fp32 on the others, and the
+# override of that detection (ORCHESTRATOR_CPU_BF16, distributed._cpu_has_native_bf16) reaches
+# every launch, in-process run, generation and plan of the suite. Tests that set
+# trainer.precision keep theirs.
+_FORCED = {"fp32": "0", "bf16": "1"}.get(os.environ.get("ORCHESTRATOR_TEST_PRECISION", ""))
+if _FORCED:
+    os.environ["ORCHESTRATOR_CPU_BF16"] = _FORCED
 
 
 def orchestrate(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m launch ARGS`` (the ``orchestrate`` console script) and capture output."""
     full_env = {**os.environ, **(env or {})}
-    if FORCED_PRECISION and args and args[0] == "train" and not any(
-            a.startswith("trainer.precision=") for a in args):
-        args = (*args, f"trainer.precision={FORCED_PRECISION}")
     return subprocess.run(
         [sys.executable, "-m", "launch", *args], cwd=ROOT, capture_output=True, text=True,
         timeout=timeout, env=full_env,
