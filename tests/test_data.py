@@ -67,6 +67,26 @@ def test_sampler_same_global_batch_for_any_world() -> None:
     assert len(set(epoch0)) == 96  # no repeats within an epoch
 
 
+def test_micro_batch_seeds_follow_the_examples_not_the_rank() -> None:
+    """Dropout draws from each micro-batch's seed (data/batches.py): two ranks with micro-batch
+    2 and one rank with the same micro-batch size hold the same micro-batches with the same
+    seeds at every step, while another step, run seed or example set gets another seed."""
+    from orchestrator.data.batches import Batches, draw_seed
+
+    def batches(world: int, rank: int, seed: int = 3) -> Batches:
+        return Batches(StepSampler(100, 8, 2, world, rank, seed), lambda mb: {"ids": mb}, seed)
+
+    one, two = batches(1, 0), [batches(2, r) for r in range(2)]
+    for step in range(1, 14):
+        whole = [(m.seed, m.tensors["ids"]) for m in one.micro_batches(step)]
+        assert whole == [(m.seed, m.tensors["ids"]) for b in two for m in b.micro_batches(step)]
+        assert len({seed for seed, _ in whole}) == len(whole) == 4
+    first = one.micro_batches(1)[0]
+    assert first.seed == draw_seed(3, 1, first.tensors["ids"])
+    assert len({first.seed, draw_seed(3, 2, first.tensors["ids"]), draw_seed(4, 1, first.tensors["ids"]),
+                draw_seed(3, 1, first.tensors["ids"][::-1])}) == 4
+
+
 def test_eval_shard_pads_to_equal_length() -> None:
     shards = [eval_shard(5, 2, r) for r in range(2)]
     assert shards == [[0, 2, 4], [1, 3, None]]
