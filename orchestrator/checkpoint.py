@@ -233,7 +233,7 @@ def _rotate(root: Path, keep_last_n: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(path: Path, strategy: Strategy, dist: DistInfo, everything: bool = True) -> dict[str, Any]:
+def load(path: Path, strategy: Strategy, everything: bool = True) -> dict[str, Any]:
     """Restore strategy state; returns the trainer state. With ``everything=False`` (a fork
     that keeps only the adapter) the adapter weights alone: the optimizer and schedule stay as a
     fresh run has them."""

@@ -70,14 +70,14 @@ def _starting_point(cfg: RunConfig, run_dir: Path, strategy, sampler, dist: Dist
     step, origin = 0, ""
     if own is not None:
         set_phase(f"checkpoint load ({own})")
-        state = checkpoint.load(own, strategy, dist)
+        state = checkpoint.load(own, strategy)
         step, origin = state["step"], f" (resuming at step {state['step']} from {own})"
         sampler.load_state_dict(state.get("sampler"), step)
     elif cfg.run.fork_from:
         source = checkpoint.resolve(Path(cfg.run.fork_from))
         set_phase(f"fork load ({source})")
         everything = cfg.run.fork_optimizer
-        parent = checkpoint.load(source, strategy, dist, everything=everything)
+        parent = checkpoint.load(source, strategy, everything=everything)
         state["forked_from"] = {"checkpoint": str(source), "run": str(checkpoint.run_of(source)),
                                 "step": parent["step"], "optimizer": everything}
         if everything:  # the parent's step and data position go on; its tallies do not
