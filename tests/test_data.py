@@ -70,7 +70,7 @@ def test_sampler_same_global_batch_for_any_world() -> None:
 def test_micro_batch_seeds_follow_the_examples_not_the_rank() -> None:
     """Dropout draws from each micro-batch's seed (data/batches.py): two ranks with micro-batch
     2 and one rank with the same micro-batch size hold the same micro-batches with the same
-    seeds at every step, while another step, run seed or example set gets another seed."""
+    seeds at every step, while another step, run seed or order of examples gets another seed."""
     from orchestrator.data.batches import Batches, draw_seed
 
     def batches(world: int, rank: int, seed: int = 3) -> Batches:
