@@ -74,7 +74,7 @@ def test_micro_batch_seeds_follow_the_examples_not_the_rank() -> None:
     from orchestrator.data.batches import Batches, draw_seed
 
     def batches(world: int, rank: int, seed: int = 3) -> Batches:
-        return Batches(StepSampler(100, 8, 2, world, rank, seed), lambda mb: {"ids": mb}, seed)
+        return Batches(StepSampler(100, 8, 2, world, rank, seed), lambda mb: {"ids": mb})
 
     one, two = batches(1, 0), [batches(2, r) for r in range(2)]
     for step in range(1, 14):

@@ -44,7 +44,6 @@ def draw_seed(seed: int, step: int, examples: Any) -> int:
 class Batches:
     sampler: StepSampler
     make_batch: Callable[[Any], dict]
-    seed: int
 
     @property
     def steps_per_epoch(self) -> int:
@@ -52,7 +51,7 @@ class Batches:
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's collated micro-batches of optimizer step ``step`` (1-based)."""
-        return [MicroBatch(draw_seed(self.seed, step, mb), self.make_batch(mb))
+        return [MicroBatch(draw_seed(self.sampler.seed, step, mb), self.make_batch(mb))
                 for mb in self.sampler.micro_batches(step - 1)]
 
 
@@ -79,4 +78,4 @@ def build_batches(cfg: RunConfig, examples: Sequence, fingerprint: str, world: i
     else:
         def make_batch(indices):
             return collate([examples[i] for i in indices], pad_id)
-    return Batches(sampler, make_batch, t.seed)
+    return Batches(sampler, make_batch)
