@@ -19,7 +19,7 @@ setup: $(STAMP)
 # CUDA torch) and without precompiled ops: it JIT-compiles what it uses.
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_FLAGS) $(CONSTRAINTS) -e '.[dev,wandb]'
+	$(PY) -m pip install $(PIP_FLAGS) $(CONSTRAINTS) -e '.[dev,wandb,mimalloc]'
 	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_FLAGS) $(CONSTRAINTS) --no-build-isolation 'deepspeed>=0.16' ninja
 	touch $@
 

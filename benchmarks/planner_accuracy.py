@@ -133,17 +133,29 @@ def _ok(summary: dict) -> dict:
     return summary
 
 
-def calibrate(tmp: Path, cache: Path, steps: int, nproc: int, precisions: list[str]) -> None:
+def extra_allocator(extra: list[str]) -> str:
+    """launcher.cpu_allocator as the extra overrides set it (auto unless they do)."""
+    return next((o.split("=", 1)[1] for o in extra if o.startswith("launcher.cpu_allocator=")), "auto")
+
+
+def calibrate(tmp: Path, cache: Path, steps: int, nproc: int, precisions: list[str],
+              extra: list[str]) -> None:
     """Fit, per precision, CPU_RUNTIME_BYTES (the negligible model: the runtime, and in bf16
-    oneDNN's kernels, whatever the model) and CPU_RETENTION (the 17M model) over whole runs."""
+    oneDNN's kernels, whatever the model) and CPU_RETENTION (the 17M model) over whole runs, for
+    the host allocator the ranks run under (``launcher.cpu_allocator=glibc`` among the extra
+    overrides fits glibc's tables; mimalloc's otherwise, where it is installed)."""
     from orchestrator import plan as P
 
+    from orchestrator.hostalloc import planned
+
+    allocator = planned(extra_allocator(extra))
+    print(f"host allocator of the ranks: {allocator}", flush=True)
     micro, mid = build_llama(cache / "micro", "micro"), build_llama(cache / "20m", "20m")
     for precision in precisions:
         half = 2 if precision == "bf16" else 4
         runtime: dict[str, float] = {}
         for name, key in (("ddp", "ddp"), ("fsdp", "fsdp"), ("zero2", "deepspeed")):
-            overrides = [*STRATEGIES[name], f"trainer.precision={precision}"]
+            overrides = [*STRATEGIES[name], f"trainer.precision={precision}", *extra]
             s = _ok(train_run(micro, overrides, steps, nproc, tmp / f"cal-micro-{name}-{precision}"))
             model_mb = sum(v for k, v in planned_items(micro, overrides, nproc).items()
                            if k not in (P.OVERHEAD, P.RETENTION))
@@ -151,12 +163,12 @@ def calibrate(tmp: Path, cache: Path, steps: int, nproc: int, precisions: list[s
         print(f"CPU_RUNTIME_BYTES ({precision}, MiB):", {k: round(v) for k, v in runtime.items()}, flush=True)
         retention: dict[str, float] = {}
         for name, overrides in STRATEGIES.items():
-            overrides = [*overrides, f"trainer.precision={precision}"]
+            overrides = [*overrides, f"trainer.precision={precision}", *extra]
             s = _ok(train_run(mid, overrides, steps, nproc, tmp / f"cal-20m-{name.replace(' ', '_')}-{precision}"))
             items = planned_items(mid, overrides, nproc)
             live = sum(v for k, v in items.items() if k not in (P.OVERHEAD, P.RETENTION))
             key = "deepspeed" if name.startswith("zero") else name.split()[0]
-            transient = items[P.RETENTION] / P.cpu_retention(name, half)  # the heap-sized transient bytes
+            transient = items[P.RETENTION] / P.cpu_retention(name, half, allocator)  # the heap-sized ones
             retention[name] = (max(s["peak_memory_mb"]) - runtime[key] - live) / transient
         print(f"CPU_RETENTION ({precision}):", {k: round(v, 2) for k, v in retention.items()}, flush=True)
 
@@ -190,7 +202,8 @@ def main() -> None:
         return real_table(out.resolve(), args.steps, args.nproc, args.extra)
     with tempfile.TemporaryDirectory() as tmp:
         if args.calibrate:
-            return calibrate(Path(tmp), args.cache or Path(tmp), args.steps, args.nproc, args.precision)
+            return calibrate(Path(tmp), args.cache or Path(tmp), args.steps, args.nproc, args.precision,
+                             args.extra)
         dirs = model_dirs(args.models, args.cache or Path(tmp))
         print(f"{args.steps} steps per run, {args.nproc} ranks")
         print("| model | strategy | precision | planned MB/rank | measured MB/rank (whole run) | error "

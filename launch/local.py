@@ -77,9 +77,13 @@ class PendingAgent:
         self.sock.close()
 
 
-def worker_env(nproc: int) -> dict[str, str]:
-    """Environment for the ranks: split CPU threads between ranks unless the user chose."""
+def worker_env(nproc: int, cpu_allocator: str = "auto") -> dict[str, str]:
+    """Environment for the ranks: split CPU threads between ranks unless the user chose, and
+    the host allocator setting, which the torchrun agent turns into a preload (hostalloc.py)."""
+    from orchestrator.hostalloc import ENV
+
     env = dict(os.environ)
+    env[ENV] = cpu_allocator
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(nproc, 1)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -145,7 +149,7 @@ def launch(cfg, run_dir: Path, log_path: Optional[Path] = None,
 
     cmd = torchrun_command(cfg, run_dir)
     nproc = cfg.launcher.nproc_per_node or default_nproc()
-    env = worker_env(nproc)
+    env = worker_env(nproc, cfg.launcher.cpu_allocator)
     lock = rundir.held(run_dir)
     if lock is not None:
         env[rundir.TOKEN_ENV] = lock.token

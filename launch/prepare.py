@@ -305,6 +305,13 @@ def check_packages(cfg) -> None:
     if needs and importlib.util.find_spec(needs) is None:
         raise UsageError(f"strategy={cfg.strategy.name} needs {needs}, which is not installed "
                          f"(pip install -e '.[{needs}]')")
+    if cfg.launcher.cpu_allocator == "mimalloc":
+        from orchestrator.hostalloc import AllocatorError, for_ranks
+
+        try:
+            for_ranks("mimalloc", cuda=False)
+        except AllocatorError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def default_run_dir(cfg) -> Path:

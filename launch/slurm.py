@@ -108,6 +108,7 @@ def render(cfg, run_dir: Path, array: Optional[JobArray] = None) -> str:
         signal_grace_s=launcher.signal_grace_s,
         requeue=launcher.requeue,
         rdzv_port=launcher.rdzv_port,
+        cpu_allocator=launcher.cpu_allocator,
         max_restarts=launcher.max_restarts,
         run_dir=str(run_dir),
         array=array.spec() if array else None,

@@ -56,12 +56,30 @@ def _await_command(fd: int) -> Optional[list[str]]:
     return command["argv"]
 
 
+def _preload_allocator() -> Optional[int]:
+    """Start the ranks under the host allocator launcher.cpu_allocator asks for (its value in
+    the environment; the launcher and the sbatch script set it): here, on the node, where it is
+    known whether the ranks will have a GPU. Returns the exit code of a refusal, else None."""
+    import torch
+
+    from orchestrator import hostalloc
+
+    try:
+        hostalloc.preload(os.environ, os.environ.get(hostalloc.ENV, "auto"), torch.cuda.is_available())
+    except hostalloc.AllocatorError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--await-command"]:
         argv = _await_command(int(argv[1]))
         if argv is None:
             return 0
+    if (refused := _preload_allocator()) is not None:
+        return refused
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main

@@ -260,33 +260,21 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-_LIBC_TRIM = None
-
-
 def release_free_host_memory(device: torch.device) -> None:
-    """Hand the host allocator's freed pages back to the OS (glibc ``malloc_trim``), on CPU.
+    """Hand the host allocator's freed pages back to the OS, on CPU (hostalloc.py).
 
-    glibc keeps memory freed by training's activations in its heaps, fragmented; evaluation
-    would then grow the heaps further instead of reusing it (measured +140 MB of peak RSS on a
-    50M-parameter model). Called before each evaluation only: trimming every optimizer step
-    kept peak RSS 20% lower but made steps of the tiny model ~14% slower (the pages fault back
-    in as they are reused), every micro-batch ~29% slower. The planner models the retention
-    instead (plan.py, CPU_RETENTION). On CUDA the caching allocator owns device memory and
-    emptying it would only cost speed, so this does nothing there; nor without glibc.
+    Under glibc, memory freed by training's activations stays in its heaps, fragmented;
+    evaluation would then grow the heaps further instead of reusing it (measured +140 MB of
+    peak RSS on a 50M-parameter model). Called before each evaluation only: trimming every
+    optimizer step kept peak RSS 20% lower but made steps of the tiny model ~14% slower (the
+    pages fault back in as they are reused), every micro-batch ~29% slower. The planner models
+    what the allocator keeps instead (plan/memory.py, CPU_RETENTION). On CUDA the caching
+    allocator owns device memory and emptying it would only cost speed: nothing to do there.
     """
-    global _LIBC_TRIM
-    if device.type != "cpu":
-        return
-    if _LIBC_TRIM is None:
-        import ctypes
-        import ctypes.util
+    if device.type == "cpu":
+        from .hostalloc import release_free_memory
 
-        try:
-            _LIBC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # musl, macOS: no malloc_trim
-            _LIBC_TRIM = False
-    if _LIBC_TRIM:
-        _LIBC_TRIM(0)
+        release_free_memory()
 
 
 def peak_memory_mb(device: torch.device) -> float:

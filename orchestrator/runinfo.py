@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import __version__
+from orchestrator import __version__, hostalloc
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +88,8 @@ def hardware(world_size: int, strategy: str) -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"world_size": world_size, "strategy": strategy, "cpu": _cpu_model(),
-                            "host": platform.node(), "python": platform.python_version()}
+                            "host": platform.node(), "python": platform.python_version(),
+                            "host_allocator": hostalloc.active()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpus_per_node"] = torch.cuda.device_count()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, commcount, faults, rundir
+from . import checkpoint, commcount, faults, hostalloc, rundir
 from .config import RunConfig, accumulation_steps
 from .data import describe, load_splits, model_inputs
 from .data.batches import Batches, build_batches
@@ -377,6 +377,7 @@ def _summary(cfg: RunConfig, m: _Model, dist: DistInfo, state: dict, after: dict
         "train_time_s": train_time,
         "peak_memory_mb": peaks,
         "planned_peak_memory_mb": [planned_mb] * dist.world_size,
+        "host_allocator": hostalloc.active(),  # what the CPU peak and its plan depend on
         "load_peak_memory_mb": load_peaks,
         # CUDA: what the caching allocator reserved at most (an out-of-memory happens there);
         # the plan's allocator reserve is meant to cover the gap to the allocated peak.

@@ -149,6 +149,7 @@ def test_dry_run_renders_multi_node_gpu_script(tmp_path) -> None:
         "#SBATCH --requeue", "#SBATCH --mail-type=END", "module load cuda/12.4",
         "source /opt/venv/bin/activate", "export NCCL_DEBUG=WARN", "export NCCL_IB_DISABLE=0",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}",
+        "export ORCHESTRATOR_CPU_ALLOCATOR=auto",  # launch.torchrun decides on the node
         "--nnodes=4 --nproc_per_node=8",
         '--rdzv_backend=c10d --rdzv_endpoint="${HEAD_ADDR}:${RDZV_PORT}" --rdzv_id="${SLURM_JOB_ID}"',
         "scontrol requeue",

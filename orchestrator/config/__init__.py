@@ -192,6 +192,10 @@ class DeepSpeedConfig(StrategyConfig):
 @dataclass
 class LauncherConfig:
     name: str = "local"
+    # Host malloc of CPU ranks: auto (mimalloc where the cmeel-mimalloc wheel is installed, on
+    # CPU ranks only), mimalloc, or glibc (the system's). glibc's heaps keep freed activations
+    # and make a run's peak vary from launch to launch; see orchestrator/hostalloc.py.
+    cpu_allocator: str = "auto"
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..hostalloc import SETTINGS
 from .data import validate_data
 from .errors import ConfigError, is_auto
 
@@ -25,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sweep.kind": ("grid", "optuna"),
     "sweep.direction": ("minimize", "maximize"),
     "plan.device": ("cuda", "cpu"),
+    "launcher.cpu_allocator": SETTINGS,
 }
 
 

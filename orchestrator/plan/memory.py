@@ -61,7 +61,8 @@ NCCL_BYTES = int(0.5 * GiB)
 #: (distributed.py).
 CUDA_ALLOCATOR_RESERVE = 0.10
 #: Peak RSS per rank of `orchestrate train` with a negligible model (hidden 64, 1 layer, fp32,
-#: 100 steps with evaluation), by strategy, less that model's own planned bytes (~7 MB):
+#: 100 steps with evaluation) under glibc's malloc (launcher.cpu_allocator=glibc, or where the
+#: mimalloc wheel is missing), by strategy, less that model's own planned bytes (~7 MB):
 #: measured by ``benchmarks/planner_accuracy.py --calibrate --steps 100`` on the 2-core build
 #: machine (torch 2.13 CPU, AVX512-BF16, 2 gloo ranks, the datasets/pyarrow data pipeline
 #: loaded), 2026-12-06. Override with plan.overhead_gb elsewhere.
@@ -105,14 +106,56 @@ CPU_RETENTION_HALF = {
 }
 
 
-def cpu_runtime(strategy: str, compute_bytes: int) -> float:
-    """The CPU runtime's own resident bytes under a strategy at a compute dtype's width."""
-    return float((CPU_RUNTIME_BYTES if compute_bytes == 4 else CPU_RUNTIME_BYTES_HALF)[strategy])
+#: The same four tables under mimalloc, which CPU ranks run under by default
+#: (launcher.cpu_allocator=auto, orchestrator/hostalloc.py), fitted the same way
+#: (``planner_accuracy.py --calibrate`` with the wheel installed, same machine, 2026-12-06).
+#: mimalloc reuses freed blocks and hands emptied pages back, so in fp32 it keeps little beyond
+#: the live bytes (its runtime sits ~50 MB higher: per-thread heaps); in bf16 what remains is
+#: mostly oneDNN's per-shape kernel buffers.
+MIMALLOC_RUNTIME_BYTES = {
+    "ddp": int(577 * MiB),
+    "fsdp": int(585 * MiB),
+    "deepspeed": int(612 * MiB),
+}
+MIMALLOC_RUNTIME_BYTES_HALF = {
+    "ddp": int(728 * MiB),
+    "fsdp": int(734 * MiB),
+    "deepspeed": int(771 * MiB),
+}
+MIMALLOC_RETENTION = {
+    "ddp": 0.04,
+    "fsdp": 0.12,
+    "fsdp shard_base": 0.17,
+    "zero2": 0.06,
+    "zero3": 0.49,
+}
+MIMALLOC_RETENTION_HALF = {
+    "ddp": 0.98,
+    "fsdp": 1.16,
+    "fsdp shard_base": 0.90,
+    "zero2": 1.02,
+    "zero3": 1.15,
+}
+
+#: (host allocator, fp32?) -> (runtime bytes by strategy, retention by strategy kind).
+_CPU_TABLES = {
+    ("glibc", True): (CPU_RUNTIME_BYTES, CPU_RETENTION),
+    ("glibc", False): (CPU_RUNTIME_BYTES_HALF, CPU_RETENTION_HALF),
+    ("mimalloc", True): (MIMALLOC_RUNTIME_BYTES, MIMALLOC_RETENTION),
+    ("mimalloc", False): (MIMALLOC_RUNTIME_BYTES_HALF, MIMALLOC_RETENTION_HALF),
+}
 
 
-def cpu_retention(kind: str, compute_bytes: int) -> float:
-    """The retention factor of a strategy kind (Setup.kind) at a compute dtype's width."""
-    return (CPU_RETENTION if compute_bytes == 4 else CPU_RETENTION_HALF)[kind]
+def cpu_runtime(strategy: str, compute_bytes: int, allocator: str) -> float:
+    """The CPU runtime's own resident bytes under a strategy, a compute dtype's width and a
+    host allocator (hostalloc.py)."""
+    return float(_CPU_TABLES[allocator, compute_bytes == 4][0][strategy])
+
+
+def cpu_retention(kind: str, compute_bytes: int, allocator: str) -> float:
+    """The retention factor of a strategy kind (Setup.kind) at a compute dtype's width under a
+    host allocator."""
+    return _CPU_TABLES[allocator, compute_bytes == 4][1][kind]
 
 
 RETENTION = "host allocator retention (CPU)"
@@ -296,7 +339,7 @@ def _overhead(s: Setup) -> float:
         return float(s.overhead_bytes)
     if s.device == "cuda":
         return CUDA_CONTEXT_BYTES + NCCL_BYTES * _communicators(s)
-    return cpu_runtime(s.strategy, s.compute_bytes)
+    return cpu_runtime(s.strategy, s.compute_bytes, s.host_allocator)
 
 
 def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
@@ -361,7 +404,7 @@ def plan_memory(shape: ModelShape, s: Setup, limit_bytes: float,
     train.items["activations"] = acts
     train.items["logits + loss"] = logits
     if s.device == "cpu" and s.overhead_bytes is None:
-        train.items[RETENTION] = cpu_retention(s.kind, b) * _heap_transient(shape, s, acts, logits)
+        train.items[RETENTION] = cpu_retention(s.kind, b, s.host_allocator) * _heap_transient(shape, s, acts, logits)
     train.items[TOKENIZER] = host_tokenizer
     train.items[OVERHEAD] = overhead
 

@@ -23,7 +23,8 @@ def format_plan(plan: Plan, suggestions: Optional[list[Suggestion]] = None) -> s
         f"({shape.quantized_params() / 1e9:.2f}B in decoder Linears, "
         f"{shape.other_params() / 1e9:.2f}B embeddings/norms/head"
         f"{f', {shape.expert_params() / 1e9:.2f}B in {shape.experts} experts per layer, not quantized' if shape.experts else ''})",
-        f"run: strategy={s.describe()}, {s.world} rank(s), device={s.device}, "
+        f"run: strategy={s.describe()}, {s.world} rank(s), device={s.device}"
+        f"{f' (host malloc: {s.host_allocator})' if s.device == 'cpu' else ''}, "
         f"compute {8 * s.compute_bytes}-bit, quant={s.quant}"
         f"{' (double quant)' if s.quant != 'none' and s.double_quant else ''}",
         f"batch: micro {s.micro_batch} x seq {s.train_width}"

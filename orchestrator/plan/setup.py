@@ -51,6 +51,8 @@ class Setup:
     # trainer.loss as it will run: chunked (one chunk of logits at a time) or plain (all of
     # them); chunked falls back to plain for heads that transform their logits.
     loss: str = "chunked"
+    # The host malloc CPU ranks run under (hostalloc.py): its retention is the CPU constants'.
+    host_allocator: str = "glibc"
 
     @property
     def shard_ranks(self) -> int:
@@ -101,6 +103,7 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
     """Flatten a RunConfig for the planner; ``data``: the prepared data's lengths, when known;
     ``ranks_per_node`` decides HSDP's groups when strategy.replicate is auto (one per node)."""
     from ..config import FSDPConfig  # what a suggestion to switch to FSDP would get
+    from ..hostalloc import planned
 
     st = cfg.strategy
     overhead = cfg.plan.overhead_gb
@@ -122,6 +125,7 @@ def setup_from_config(cfg, world: int, device: str, compute_bytes: int, shape: M
         if st.name == "fsdp" else 1,
         frozen_fp32=cfg.quant.method != "none" and cfg.quant.frozen_dtype == "fp32",
         loss=cfg.trainer.loss if shape.plain_head else "plain",
+        host_allocator=planned(cfg.launcher.cpu_allocator) if device == "cpu" else "glibc",
     )
 
 
