@@ -26,6 +26,13 @@ MIMALLOC = "mimalloc"
 GLIBC = "glibc"  # the system's malloc (glibc's on Linux)
 #: How the launcher tells the torchrun agent the setting (launch/local.py, slurm/train.sbatch).
 ENV = "ORCHESTRATOR_CPU_ALLOCATOR"
+#: How long mimalloc keeps a freed page before handing it back to the OS, in ms (its default:
+#: 1,000 in v3). A training step frees and reallocates the same activations every few seconds;
+#: at the default delay the pages went back between steps and faulted in again. Same 2-rank
+#: real-size run, 2026-12-06 (benchmarks/RESULTS.md, "CPU ranks under mimalloc"): 461-494
+#: tokens/s at 1 s, 586-596 at 10 s, 487-538 under glibc, the peak 1,440 MB at both delays
+#: (never purging: 1,557). MIMALLOC_PURGE_DELAY in the environment wins.
+PURGE_DELAY_MS = 10_000
 #: Libraries that replace malloc when a user preloads one themselves; auto leaves them be.
 _ALLOCATORS = ("mimalloc", "jemalloc", "tcmalloc")
 
@@ -76,11 +83,14 @@ def for_ranks(setting: str, cuda: bool, env: Mapping[str, str] = os.environ) -> 
 
 def preload(env: MutableMapping[str, str], setting: str, cuda: bool) -> str:
     """Put mimalloc into ``env``'s ``LD_PRELOAD`` when ranks started with it should run under
-    it (ahead of what the user preloads, which keeps working); returns the ranks' allocator."""
+    it (ahead of what the user preloads, which keeps working), with its purge delay
+    (PURGE_DELAY_MS); returns the ranks' allocator."""
     chosen = for_ranks(setting, cuda, env)
     library = mimalloc_library()
     if chosen == MIMALLOC and _preloaded(env) != MIMALLOC and library:
         env["LD_PRELOAD"] = " ".join(filter(None, (library, env.get("LD_PRELOAD"))))
+    if chosen == MIMALLOC:
+        env.setdefault("MIMALLOC_PURGE_DELAY", str(PURGE_DELAY_MS))
     return chosen
 
 

@@ -33,6 +33,10 @@ def test_cpu_ranks_get_mimalloc_and_gpu_ranks_and_user_preloads_keep_theirs():
     env = {"LD_PRELOAD": "/opt/lib/libprofiler.so"}  # not a malloc: kept, after mimalloc
     assert hostalloc.preload(env, "auto", cuda=False) == "mimalloc"
     assert env["LD_PRELOAD"] == f"{LIBRARY} /opt/lib/libprofiler.so"
+    assert env["MIMALLOC_PURGE_DELAY"] == "10000"  # freed activations kept between steps
+    mine = {"MIMALLOC_PURGE_DELAY": "0"}
+    hostalloc.preload(mine, "auto", cuda=False)
+    assert mine["MIMALLOC_PURGE_DELAY"] == "0"  # the user's setting wins
     again = dict(env)
     hostalloc.preload(again, "auto", cuda=False)  # a restart of the agent: not preloaded twice
     assert again == env

@@ -107,34 +107,34 @@ CPU_RETENTION_HALF = {
 
 
 #: The same four tables under mimalloc, which CPU ranks run under by default
-#: (launcher.cpu_allocator=auto, orchestrator/hostalloc.py), fitted the same way
-#: (``planner_accuracy.py --calibrate`` with the wheel installed, same machine, 2026-12-06).
-#: mimalloc reuses freed blocks and hands emptied pages back, so in fp32 it keeps little beyond
-#: the live bytes (its runtime sits ~50 MB higher: per-thread heaps); in bf16 what remains is
-#: mostly oneDNN's per-shape kernel buffers.
+#: (launcher.cpu_allocator=auto, orchestrator/hostalloc.py, with its PURGE_DELAY_MS), fitted
+#: the same way (``planner_accuracy.py --calibrate`` with the wheel installed, same machine,
+#: 2026-12-06). mimalloc reuses freed blocks and hands emptied pages back, so in fp32 it keeps
+#: little beyond the live bytes (its runtime sits ~55 MB higher: per-thread heaps); in bf16
+#: what remains is mostly oneDNN's per-shape kernel buffers.
 MIMALLOC_RUNTIME_BYTES = {
-    "ddp": int(577 * MiB),
-    "fsdp": int(585 * MiB),
+    "ddp": int(583 * MiB),
+    "fsdp": int(587 * MiB),
     "deepspeed": int(612 * MiB),
 }
 MIMALLOC_RUNTIME_BYTES_HALF = {
-    "ddp": int(728 * MiB),
+    "ddp": int(730 * MiB),
     "fsdp": int(734 * MiB),
-    "deepspeed": int(771 * MiB),
+    "deepspeed": int(768 * MiB),
 }
 MIMALLOC_RETENTION = {
-    "ddp": 0.04,
-    "fsdp": 0.12,
-    "fsdp shard_base": 0.17,
-    "zero2": 0.06,
-    "zero3": 0.49,
+    "ddp": 0.03,
+    "fsdp": 0.25,
+    "fsdp shard_base": 0.22,
+    "zero2": 0.07,
+    "zero3": 0.53,
 }
 MIMALLOC_RETENTION_HALF = {
-    "ddp": 0.98,
+    "ddp": 1.00,
     "fsdp": 1.16,
-    "fsdp shard_base": 0.90,
-    "zero2": 1.02,
-    "zero3": 1.15,
+    "fsdp shard_base": 0.87,
+    "zero2": 1.10,
+    "zero3": 1.26,
 }
 
 #: (host allocator, fp32?) -> (runtime bytes by strategy, retention by strategy kind).
