@@ -2,7 +2,8 @@
 
     shapes   the model's shape from config.json; parameter, LoRA and 4-bit byte counts
     setup    what the planner needs from a RunConfig, flattened
-    memory   the memory model: load, train and eval phases per rank (and its CPU constants)
+    memory   the memory model: load, train and eval phases per rank
+    cpu_fit  its measured CPU constants (runtime, host allocator retention), per allocator
     lengths  the prepared data's real lengths: the widest micro-batch the run will form
     suggest  changes that would make a run fit
     auto     trainer.micro_batch_size=auto / model.gradient_checkpointing=auto: the fastest
@@ -16,8 +17,9 @@ The names below are the package's public interface (train.py, launch/, benchmark
 from .comm import CommPlan, JobShape, comm_plan, comm_plan_for_run, compute_seconds, format_comm
 from .auto import AutoChoice, candidates, choose, host_available, memory_budget
 from .lengths import DataLengths, data_lengths, example_lengths, longest_drawn
+from .cpu_fit import CPU_RETENTION, CPU_RUNTIME_BYTES, cpu_retention
 from .memory import (
-    CPU_RETENTION, CPU_RUNTIME_BYTES, cpu_retention, CUDA_CONTEXT_BYTES, DEEPSPEED_BUCKET_ELEMENTS, NCCL_BYTES,
+    CUDA_CONTEXT_BYTES, DEEPSPEED_BUCKET_ELEMENTS, NCCL_BYTES,
     CUDA_ALLOCATOR_RESERVE, OVERHEAD, RESERVE, RETENTION, TOKENIZER, TOKENIZER_BYTES_PER_ENTRY, Phase, Plan, layer_activation_bytes,
     plan_memory, residual_bytes, saved_activation_bytes,
 )
