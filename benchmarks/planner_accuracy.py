@@ -1,7 +1,7 @@
 """Planned against measured peak memory per rank, for real short `orchestrate train` runs.
 
     python benchmarks/planner_accuracy.py [--models tiny 50m] [--steps 100] [--precision fp32 bf16]
-    python benchmarks/planner_accuracy.py --calibrate     # the CPU constants of orchestrator/plan.py
+    python benchmarks/planner_accuracy.py --calibrate     # the CPU constants of orchestrator/plan/cpu_fit.py
     python benchmarks/planner_accuracy.py --real --out DIR  # real-size model, real vocabulary and lengths
 
 Each run trains under one strategy and precision; train.py writes the planner's expectation

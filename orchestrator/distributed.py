@@ -268,7 +268,7 @@ def release_free_host_memory(device: torch.device) -> None:
     peak RSS on a 50M-parameter model). Called before each evaluation only: trimming every
     optimizer step kept peak RSS 20% lower but made steps of the tiny model ~14% slower (the
     pages fault back in as they are reused), every micro-batch ~29% slower. The planner models
-    what the allocator keeps instead (plan/memory.py, CPU_RETENTION). On CUDA the caching
+    what the allocator keeps instead (plan/cpu_fit.py, CPU_RETENTION). On CUDA the caching
     allocator owns device memory and emptying it would only cost speed: nothing to do there.
     """
     if device.type == "cpu":
